@@ -1,0 +1,1 @@
+"""Experiments: the trainer, its configs, data pipelines and benchmarks."""

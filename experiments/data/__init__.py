@@ -1,0 +1,15 @@
+"""Data pipelines: TFDS text datasets as byte-level language-model windows, without TensorFlow.
+
+The default corpus, `python_stdlib`, is the running Python's standard library, prepared locally
+with no download. `load_windows` gives a split's windows, `IndexSampler` a resumable training
+order whose state is one integer, and `train_batch` / `eval_batches` the model's batches.
+"""
+from experiments.data.pipeline import EOS_ID
+from experiments.data.pipeline import eval_batches
+from experiments.data.pipeline import IndexSampler
+from experiments.data.pipeline import load_windows
+from experiments.data.pipeline import PAD_ID
+from experiments.data.pipeline import train_batch
+from experiments.data.pipeline import VOCAB_SIZE
+from experiments.data.pipeline import WindowDataset
+from experiments.data.stdlib_corpus import PythonStdlib
