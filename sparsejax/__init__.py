@@ -1,0 +1,8 @@
+"""sparsejax: sparse neural networks in JAX/Flax.
+
+Importing the package imports its layer modules, so every layer is registered in
+`sparsejax.registry` before a config names it.
+"""
+from sparsejax import models  # noqa: F401 (imported to register its layers)
+
+__version__ = "0.1.0"

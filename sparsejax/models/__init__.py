@@ -1,0 +1,58 @@
+"""Reference models with pluggable FFN and attention layers, and the layer contract.
+
+Layer contract (how `TransformerLM` builds a block's layers; a new layer that follows it plugs
+in by registering itself, without edits to the model):
+
+* FFN: a Flax Linen Module class registered with `@FFNS.register("name")` (from
+  `sparsejax.registry`). Each block builds it as
+
+      FFNS.get(name)(d_model=d_model, d_ff=d_ff, dtype=dtype, name="ffn", **ffn_kwargs)
+
+  `d_model`, `d_ff` and `dtype` (the compute dtype; keep params float32) are always passed, so
+  the class must declare these three fields; a layer with no hidden width of its own may ignore
+  `d_ff` (an MoE layer uses it as each expert's hidden width). `ffn_kwargs` are the other
+  entries of the config's `model.ffn` (everything but `name`); `build_lm` rejects keys that are
+  not fields of the class, and keys that are contract fields.
+* Attention: registered with `@ATTENTIONS.register("name")`, built as
+
+      ATTENTIONS.get(name)(d_model=d_model, num_heads=num_heads, positions=positions,
+                           dtype=dtype, name="attention", **attention_kwargs)
+
+  `positions` is "rope" (the layer must apply rotary embeddings to its queries and keys, e.g.
+  with `sparsejax.models.apply_rope`) or "learned" (the model adds them to its input; the layer
+  does nothing). The layer must be causal.
+* Call: `layer(x_BTD, *, deterministic: bool) -> (y_BTD, aux)` with y_BTD of x_BTD's shape and
+  `aux = {"losses": {name: scalar}, "metrics": {name: array}}` (`sparsejax.auxiliary.empty_aux()`
+  when there is nothing). The model merges every block's aux with keys prefixed by the block path,
+  e.g. "layer_1/ffn/load_balance"; the trainer adds `sum(aux["losses"].values())` to the
+  cross-entropy (so scale a loss by its coefficient inside the layer) and logs `aux["metrics"]`.
+  Randomness, when `deterministic` is False, comes from Linen rng streams (`self.make_rng`).
+* Params are created with logical axis names (`nn.with_logical_partitioning`, or
+  `sparsejax.models.layers.logical_param`) from the names in `sparsejax.sharding`, e.g.
+  expert weights ("expert", "embed", "mlp").
+"""
+from sparsejax.models.layers import (
+    CausalSelfAttention,
+    DenseFFN,
+    apply_rope,
+    logical_param,
+)
+from sparsejax.models.transformer import (
+    ATTENTION_CONTRACT,
+    FFN_CONTRACT,
+    DecoderBlock,
+    TransformerLM,
+    build_lm,
+)
+
+__all__ = [
+    "ATTENTION_CONTRACT",
+    "FFN_CONTRACT",
+    "CausalSelfAttention",
+    "DecoderBlock",
+    "DenseFFN",
+    "TransformerLM",
+    "apply_rope",
+    "build_lm",
+    "logical_param",
+]

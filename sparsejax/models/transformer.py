@@ -1,0 +1,290 @@
+"""Decoder-only Transformer language model with pluggable FFN and attention layers.
+
+The FFN and attention of every block are looked up by name in the `FFNS` and `ATTENTIONS`
+registries and constructed under the contract documented in `sparsejax.models`, so a new layer
+(MoE, memory, sparse attention) plugs in by registering itself, without edits here.
+"""
+import inspect
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sparsejax.auxiliary import Aux, empty_aux, merge_aux
+from sparsejax.models.layers import POSITIONS, logical_param
+from sparsejax.registry import ATTENTIONS, FFNS, Registry
+
+Kwargs = tuple[tuple[str, Any], ...]
+
+FFN_CONTRACT = ("d_model", "d_ff", "dtype")
+ATTENTION_CONTRACT = ("d_model", "num_heads", "positions", "dtype")
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def _rms_norm(name: str, dtype: Any) -> nn.RMSNorm:
+  """RMSNorm y = x / sqrt(mean(x^2) + 1e-6) * scale, scale annotated ("embed",)."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+  return nn.RMSNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, name=name)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm residual block: x += attention(norm(x)); x += ffn(norm(x)).
+
+  The block's aux merges the attention's and the FFN's, prefixed "attention/" and "ffn/".
+  Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (pre-norm).
+  """
+
+  d_model: int
+  num_heads: int
+  d_ff: int
+  positions: str
+  ffn: str
+  ffn_kwargs: Kwargs
+  attention: str
+  attention_kwargs: Kwargs
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+    attention = ATTENTIONS.get(self.attention)(
+        d_model=self.d_model,
+        num_heads=self.num_heads,
+        positions=self.positions,
+        dtype=self.dtype,
+        name="attention",
+        **dict(self.attention_kwargs),
+    )
+    ffn = FFNS.get(self.ffn)(
+        d_model=self.d_model,
+        d_ff=self.d_ff,
+        dtype=self.dtype,
+        name="ffn",
+        **dict(self.ffn_kwargs),
+    )
+    y_BTD, attention_aux = attention(
+        _rms_norm("attention_norm", self.dtype)(x_BTD), deterministic=deterministic
+    )
+    x_BTD = x_BTD + y_BTD
+    y_BTD, ffn_aux = ffn(_rms_norm("ffn_norm", self.dtype)(x_BTD), deterministic=deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+    aux = merge_aux("attention", attention_aux, empty_aux())
+    return x_BTD, merge_aux("ffn", ffn_aux, aux)
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only Transformer LM: embed, `num_layers` pre-norm blocks, RMSNorm, project to vocab.
+
+  x_0 = E[tokens] (+ P[positions] when positions == "learned"); x_l = block_l(x_{l-1});
+  logits = RMSNorm(x_L) W_out with W_out = E^T when tie_embeddings, else a separate D x V param.
+  RMSNorm (not LayerNorm) for its lower cost and equal quality. Layers listed in `ffn_layers`
+  (all when None) use the FFN registered as `ffn` with `ffn_kwargs`; the others use "dense" with
+  its defaults. `ffn_kwargs` / `attention_kwargs` are tuples of (name, value) pairs so the module
+  stays hashable. Logits are float32 whatever `dtype` (the compute dtype) is. Returns
+  (logits_BTV, aux) with aux keys prefixed by the block path, e.g. "layer_1/ffn/load_balance".
+  Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; Zhang & Sennrich
+  2019, "Root Mean Square Layer Normalization"; Press & Wolf 2017, "Using the Output Embedding to
+  Improve Language Models" (tying).
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  max_len: int
+  positions: str = "rope"
+  tie_embeddings: bool = True
+  ffn: str = "dense"
+  ffn_kwargs: Kwargs = ()
+  ffn_layers: tuple[int, ...] | None = None
+  attention: str = "dense"
+  attention_kwargs: Kwargs = ()
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _validate_lm(self)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+    seq_len = tokens_BT.shape[1]
+    if seq_len > self.max_len:
+      raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len}")
+    embed = nn.Embed(
+        self.vocab_size,
+        self.d_model,
+        dtype=self.dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=self.d_model**-0.5), ("vocab", "embed")
+        ),
+        name="embed",
+    )
+    x_BTD = embed(tokens_BT)
+    if self.positions == "learned":
+      pos_TD = logical_param(
+          self,
+          "pos_embed",
+          nn.initializers.normal(stddev=self.d_model**-0.5),
+          (self.max_len, self.d_model),
+          ("length", "embed"),
+          self.dtype,
+      )
+      x_BTD = x_BTD + pos_TD[:seq_len]
+    x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+    aux = empty_aux()
+    for layer in range(self.num_layers):
+      x_BTD, block_aux = self._block(layer)(x_BTD, deterministic=deterministic)
+      aux = merge_aux(f"layer_{layer}", block_aux, aux)
+    x_BTD = _rms_norm("final_norm", self.dtype)(x_BTD)
+    if self.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      w_DV = logical_param(
+          self,
+          "lm_head",
+          nn.initializers.lecun_normal(),
+          (self.d_model, self.vocab_size),
+          ("embed", "vocab"),
+          self.dtype,
+      )
+      logits_BTV = x_BTD @ w_DV
+    logits_BTV = nn.with_logical_constraint(
+        logits_BTV.astype(jnp.float32), ("batch", "length", "vocab")
+    )
+    return logits_BTV, aux
+
+  def _block(self, layer: int) -> DecoderBlock:
+    """Block `layer`, with the configured FFN when selected by `ffn_layers`, else "dense"."""
+    selected = self.ffn_layers is None or layer in self.ffn_layers
+    return DecoderBlock(
+        d_model=self.d_model,
+        num_heads=self.num_heads,
+        d_ff=self.d_ff,
+        positions=self.positions,
+        ffn=self.ffn if selected else "dense",
+        ffn_kwargs=self.ffn_kwargs if selected else (),
+        attention=self.attention,
+        attention_kwargs=self.attention_kwargs,
+        dtype=self.dtype,
+        name=f"layer_{layer}",
+    )
+
+
+def _validate_lm(lm: TransformerLM) -> None:
+  """Raises a one-line ValueError for any inconsistent TransformerLM field."""
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+    value = getattr(lm, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field} must be a positive int, got {value!r}")
+  if lm.d_model % lm.num_heads:
+    raise ValueError(f"d_model={lm.d_model} must be divisible by num_heads={lm.num_heads}")
+  if lm.positions not in POSITIONS:
+    raise ValueError(f"positions={lm.positions!r}; allowed: {', '.join(POSITIONS)}")
+  if lm.positions == "rope" and (lm.d_model // lm.num_heads) % 2:
+    raise ValueError(
+        f"positions='rope' needs an even head dim, got d_model / num_heads = "
+        f"{lm.d_model // lm.num_heads}"
+    )
+  if lm.ffn_layers is not None:
+    outside = [layer for layer in lm.ffn_layers if not 0 <= layer < lm.num_layers]
+    if outside:
+      raise ValueError(
+          f"ffn_layers {outside} out of range; allowed: 0..{lm.num_layers - 1}"
+      )
+  _check_layer_kwargs(FFNS, lm.ffn, FFN_CONTRACT, lm.ffn_kwargs)
+  _check_layer_kwargs(ATTENTIONS, lm.attention, ATTENTION_CONTRACT, lm.attention_kwargs)
+
+
+def _check_layer_kwargs(
+    registry: Registry, name: str, contract: Sequence[str], kwargs: Kwargs
+) -> None:
+  """Checks `name` is registered, accepts the contract arguments and every key of `kwargs`."""
+  kind = registry.kind
+  layer_cls = registry.get(name)
+  accepted = inspect.signature(layer_cls).parameters
+  missing = [arg for arg in contract if arg not in accepted]
+  if missing:
+    raise ValueError(
+        f"{kind} {name!r} ({layer_cls.__name__}) lacks the contract fields {missing}; "
+        f"every {kind} must accept {', '.join(contract)} (see sparsejax.models)"
+    )
+  own_fields = sorted(set(accepted) - set(contract) - {"parent", "name"})
+  for key, _ in kwargs:
+    if key in contract:
+      raise ValueError(
+          f"{kind} kwarg {key!r} is set by the model from its own {key}; remove it from the "
+          f"{kind} kwargs"
+      )
+    if key not in accepted or key in ("parent", "name"):
+      raise ValueError(
+          f"unknown {kind} kwarg {key!r} for {kind} {name!r}; accepted: "
+          f"{', '.join(own_fields) or '(none)'}"
+      )
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REQUIRED_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "max_len")
+_OPTIONAL_FIELDS = {
+    "positions": "rope",
+    "tie_embeddings": True,
+    "ffn": {"name": "dense"},
+    "ffn_layers": None,
+    "attention": {"name": "dense"},
+    "dtype": "float32",
+}
+
+
+def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> TransformerLM:
+  """The TransformerLM described by `model_config` (a ConfigDict, see below) over `vocab_size`.
+
+  Required fields: d_model, num_layers, num_heads, d_ff, max_len. Optional, with defaults:
+  positions="rope", tie_embeddings=True, ffn={"name": "dense"} (a ConfigDict with the registered
+  FFN's `name` plus that FFN's own kwargs), ffn_layers=None, attention={"name": "dense"} (same
+  form), dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
+  """
+  config = model_config.to_dict()
+  unknown = sorted(set(config) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
+  if unknown:
+    raise ValueError(
+        f"unknown model config fields {unknown}; allowed: "
+        f"{', '.join(sorted((*_REQUIRED_FIELDS, *_OPTIONAL_FIELDS)))}"
+    )
+  missing = [field for field in _REQUIRED_FIELDS if field not in config]
+  if missing:
+    raise ValueError(f"model config lacks the required fields {missing}")
+  config = {**_OPTIONAL_FIELDS, **config}
+  if config["dtype"] not in _DTYPES:
+    raise ValueError(f"model dtype={config['dtype']!r}; allowed: {', '.join(_DTYPES)}")
+  ffn, ffn_kwargs = _split_layer_config("ffn", config["ffn"])
+  attention, attention_kwargs = _split_layer_config("attention", config["attention"])
+  ffn_layers = config["ffn_layers"]
+  return TransformerLM(
+      vocab_size=vocab_size,
+      d_model=config["d_model"],
+      num_layers=config["num_layers"],
+      num_heads=config["num_heads"],
+      d_ff=config["d_ff"],
+      max_len=config["max_len"],
+      positions=config["positions"],
+      tie_embeddings=config["tie_embeddings"],
+      ffn=ffn,
+      ffn_kwargs=ffn_kwargs,
+      ffn_layers=None if ffn_layers is None else tuple(ffn_layers),
+      attention=attention,
+      attention_kwargs=attention_kwargs,
+      dtype=_DTYPES[config["dtype"]],
+  )
+
+
+def _split_layer_config(kind: str, layer_config: dict[str, Any]) -> tuple[str, Kwargs]:
+  """Splits `{"name": ..., **kwargs}` into the name and sorted, hashable (key, value) pairs."""
+  if "name" not in layer_config:
+    raise ValueError(f"model.{kind} needs a 'name' field, got keys {sorted(layer_config)}")
+  kwargs = tuple(
+      (key, tuple(value) if isinstance(value, list) else value)
+      for key, value in sorted(layer_config.items())
+      if key != "name"
+  )
+  return layer_config["name"], kwargs
