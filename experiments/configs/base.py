@@ -1,0 +1,60 @@
+"""Every config field the trainer knows, with its default.
+
+Other configs start from `get_config()` here and override fields; the trainer rejects keys
+that are not in this schema (except inside `model.ffn` and `model.attention`, whose extra
+keys are the chosen layer's own arguments and are checked by the model builder).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "python_stdlib"  # the embedded corpus; or any TFDS text dataset, e.g. "lm1b"
+  c.data.data_dir = config_dict.placeholder(str)  # None = TFDS default (~/tensorflow_datasets)
+  c.data.text_key = "text"  # feature holding the text, for TFDS datasets other than python_stdlib
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 128
+  c.model.num_layers = 3
+  c.model.num_heads = 4
+  c.model.d_ff = 512
+  c.model.max_len = 128
+  c.model.positions = "rope"  # "rope" | "learned"
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"  # "float32" | "bfloat16"
+  c.model.ffn = ml_collections.ConfigDict({"name": "dense"})
+  c.model.ffn_layers = config_dict.placeholder(tuple)  # layers using model.ffn; None = all
+  c.model.attention = ml_collections.ConfigDict({"name": "dense"})
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 600
+  c.train.batch_size = 32
+  c.train.seq_len = 128
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 60
+  c.train.end_lr_fraction = 0.1  # cosine decays to learning_rate * end_lr_fraction
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.log_every = 50
+  c.train.eval_every = 200
+  c.train.eval_batches = 16
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 200
+  c.checkpoint.keep = 3
+
+  # Mesh axis sizes; one may be -1 = "all remaining devices".
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.expert = 1
+  c.mesh.model = 1
+  return c

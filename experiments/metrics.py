@@ -1,0 +1,71 @@
+"""Metric sinks: `workdir/metrics.jsonl`, a console line per log step, TensorBoard if installed."""
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+
+def to_jsonable(value: Any) -> Any:
+  """Scalars become floats/ints, arrays become (nested) lists, non-finite floats stay as NaN/inf."""
+  array = np.asarray(value)
+  if array.ndim == 0:
+    item = array.item()
+    return float(item) if isinstance(item, float) else item
+  return array.tolist()
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step and mirrors scalars to the console and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], eta_seconds: float | None = None) -> None:
+    record = {"step": step, **{k: to_jsonable(v) for k, v in sorted(metrics.items())}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    logging.info("%s", _console_line(step, scalars, eta_seconds))
+    if self._tb is not None:
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _console_line(step: int, scalars: dict[str, float], eta_seconds: float | None) -> str:
+  first = ("train/loss", "eval/loss", "eval/bpb", "steps_per_sec", "tokens_per_sec")
+  keys = [k for k in first if k in scalars] + sorted(k for k in scalars if k not in first)
+  parts = [f"step {step}"] + [f"{k}={scalars[k]:.4g}" for k in keys]
+  if eta_seconds is not None:
+    parts.append(f"eta={format_eta(eta_seconds)}")
+  return " | ".join(parts)
+
+
+def _tensorboard_writer(logdir: str):
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return SummaryWriter(logdir)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of `workdir/metrics.jsonl`, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

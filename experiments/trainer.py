@@ -1,0 +1,411 @@
+"""The training loop: sharded jit train step, eval, metrics, checkpoints, resume, clean stops.
+
+`train(config, workdir)` is what `python -m experiments.train` runs. The train state is a
+plain dict pytree `{"step", "params", "opt_state", "rng"}`; the data position (an integer,
+see `experiments.data.IndexSampler`) is saved beside it, so a resumed run sees exactly the
+batches an uninterrupted one would.
+"""
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments import checkpoints as ckpt_lib
+from experiments import data as data_lib
+from experiments import metrics as metrics_lib
+from experiments.configs import base as base_config
+from sparsejax import models
+from sparsejax import sharding
+
+# Subtrees whose extra keys are a layer's own arguments, validated by the model builder.
+FREE_FORM_KEYS = ("model.ffn", "model.attention")
+# RNG streams every model may draw from during training (dropout, router noise, ...).
+RNG_STREAMS = ("dropout", "router", "noise")
+
+
+class ConfigError(ValueError):
+  """A config, mesh or workdir value that cannot work; the message names it and what is allowed."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the update became NaN/inf; nothing after the last good checkpoint was saved."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for keys the trainer does not know, listing the allowed ones."""
+  allowed = _flat_keys(base_config.get_config())
+  for key in _flat_keys(config):
+    if key in allowed or any(key.startswith(p + ".") for p in FREE_FORM_KEYS):
+      continue
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = sorted(k for k in allowed if k.rsplit(".", 1)[0] == section and "." in k) or sorted(
+        k for k in allowed if "." not in k
+    )
+    raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(siblings)}")
+  train = config.train
+  for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+    if train[name] < 1:
+      raise ConfigError(f"config.train.{name}={train[name]} must be >= 1")
+  if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
+    raise ConfigError(
+        f"config.checkpoint.every={config.checkpoint.every} and config.checkpoint.keep="
+        f"{config.checkpoint.keep} must both be >= 1"
+    )
+  if train.seq_len > config.model.max_len:
+    raise ConfigError(
+        f"config.train.seq_len={train.seq_len} exceeds config.model.max_len={config.model.max_len}"
+    )
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  keys = set()
+  for name, value in config.items():
+    key = prefix + name
+    if isinstance(value, ml_collections.ConfigDict) and key not in FREE_FORM_KEYS:
+      keys |= _flat_keys(value, key + ".")
+    else:
+      keys.add(key)
+  return keys
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks a file can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} is not a writable directory ({e.strerror})") from None
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  m = config.mesh
+  try:
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.model, devices=devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % batch_parallel:
+    raise ConfigError(
+        f"config.train.batch_size={config.train.batch_size} is not divisible by the data-parallel "
+        f"size mesh.data*mesh.fsdp={batch_parallel}"
+    )
+  return mesh
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup then cosine decay, after global-norm gradient clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=train.learning_rate,
+      warmup_steps=min(train.warmup_steps, train.num_steps),
+      decay_steps=train.num_steps,
+      end_value=train.learning_rate * train.end_lr_fraction,
+  )
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train.grad_clip),
+      optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
+                  mask=decay_mask),
+  )
+  return tx, schedule
+
+
+def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT):
+  """(sum of weighted token NLL in nats, sum of weights)."""
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT
+  )
+  return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def _stream_rngs(rng, step):
+  step_rng = jax.random.fold_in(rng, step)
+  return {name: jax.random.fold_in(step_rng, i) for i, name in enumerate(RNG_STREAMS)}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule) -> Callable:
+  """(state, batch) -> (state, metrics); metrics include `finite`, False if anything went NaN/inf."""
+
+  def loss_fn(params, batch, rngs):
+    logits, aux = model.apply(
+        {"params": params}, batch["inputs"], deterministic=False, rngs=rngs
+    )
+    nll_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+    ce = nll_sum / jnp.maximum(weight_sum, 1.0)
+    aux_loss = sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+    return ce + aux_loss, (ce, aux)
+
+  def train_step(state, batch):
+    rngs = _stream_rngs(state["rng"], state["step"])
+    (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, rngs
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    update_norm = optax.tree.norm(updates)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }
+    metrics = {
+        "train/loss": ce,
+        "train/total_loss": total,
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/update_norm": update_norm,
+        "train/learning_rate": schedule(state["step"]),
+        **{f"train/{k}": v for k, v in aux["losses"].items()},
+        **{f"train/{k}": v for k, v in aux["metrics"].items()},
+        "finite": jnp.isfinite(total) & jnp.isfinite(update_norm),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """(params, batch) -> (sum of NLL in nats, number of scored tokens)."""
+
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=True)
+    return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+
+  return eval_step
+
+
+class _StopSignal:
+  """Records SIGTERM/SIGINT so the loop can checkpoint and exit at the next step boundary."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  stacked = jax.device_get(window)
+  return {k: np.mean([m[k] for m in stacked], axis=0) for k in stacked[0]}
+
+
+class Trainer:
+  """Everything `train` sets up: mesh, data, model, jitted steps, checkpoints, metrics."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+    check_config(config)
+    check_workdir(workdir)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = make_mesh(config, devices)
+    train = config.train
+    try:
+      self.train_data = data_lib.load_windows(
+          config.data.name, config.data.train_split, train.seq_len,
+          data_dir=config.data.data_dir, text_key=config.data.text_key,
+      )
+      self.eval_data = data_lib.load_windows(
+          config.data.name, config.data.eval_split, train.seq_len,
+          data_dir=config.data.data_dir, text_key=config.data.text_key,
+      )
+      self.model = models.build_lm(config.model, vocab_size=data_lib.VOCAB_SIZE)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
+    self.tx, self.schedule = make_optimizer(train)
+    self.batch_sharding = sharding.logical_to_mesh_sharding(
+        jax.sharding.PartitionSpec("batch", "length"), self.mesh
+    )
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._init_abstract_state()
+    self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
+    self.metrics = metrics_lib.MetricsWriter(workdir)
+    with jax.set_mesh(self.mesh), sharding.with_rules():
+      self.train_step = jax.jit(
+          make_train_step(self.model, self.tx, self.schedule),
+          in_shardings=(self.state_shardings, self.batch_sharding),
+          out_shardings=(self.state_shardings, self.replicated),
+          donate_argnums=0,
+      )
+      self.eval_step = jax.jit(
+          make_eval_step(self.model),
+          in_shardings=(self.state_shardings["params"], self.batch_sharding),
+      )
+
+  def _init_params_boxed(self, rng):
+    tokens = jnp.zeros((1, self.config.train.seq_len), jnp.int32)
+    return self.model.init({"params": rng}, tokens)["params"]
+
+  def _init_abstract_state(self) -> None:
+    with jax.set_mesh(self.mesh), sharding.with_rules():
+      boxed = jax.eval_shape(self._init_params_boxed, jax.random.PRNGKey(0))
+    param_shardings = sharding.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh)
+    abstract_params = nn.meta.unbox(boxed)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: self.replicated,
+    )
+    self.state_shardings = {
+        "step": self.replicated,
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "rng": self.replicated,
+    }
+    self.abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": abstract_opt,
+        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+    }
+
+  def init_state(self) -> dict[str, Any]:
+    """Fresh state, each leaf created directly with its sharding."""
+    rng = jax.random.PRNGKey(self.config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+
+    def init(init_rng, train_rng):
+      params = nn.meta.unbox(self._init_params_boxed(init_rng))
+      return {
+          "step": jnp.zeros((), jnp.int32),
+          "params": params,
+          "opt_state": self.tx.init(params),
+          "rng": train_rng,
+      }
+
+    with jax.set_mesh(self.mesh), sharding.with_rules():
+      return jax.jit(init, out_shardings=self.state_shardings)(init_rng, train_rng)
+
+  def restore_or_init(self) -> tuple[dict[str, Any], int]:
+    """(state, data position) from the latest checkpoint, or a fresh start at position 0."""
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return self.init_state(), 0
+    abstract = ckpt_lib.abstract_like(self.abstract_state, self.state_shardings)
+    state, meta = self.checkpoints.restore(step, abstract)
+    logging.info("resumed from %s at step %d", self.checkpoints.directory, step)
+    return state, int(meta["data_position"])
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Mean eval loss (nats per token) and bits per byte over the fixed eval batches."""
+    nll, count = 0.0, 0.0
+    for batch in self._eval_batches():
+      batch_nll, batch_count = self.eval_step(params, self._put(batch))
+      nll, count = nll + float(batch_nll), count + float(batch_count)
+    loss = nll / max(count, 1.0)
+    return {"eval/loss": loss, "eval/bpb": loss / math.log(2)}
+
+  def _eval_batches(self):
+    if not hasattr(self, "_eval_cache"):
+      self._eval_cache = data_lib.eval_batches(
+          self.eval_data, self.config.train.batch_size, self.config.train.eval_batches
+      )
+    return self._eval_cache
+
+  def _put(self, batch: dict[str, np.ndarray]):
+    return jax.device_put(batch, self.batch_sharding)
+
+  def save(self, state, step: int, position: int) -> None:
+    meta = {"step": step, "data_position": position, "config": self.config.to_json()}
+    self.checkpoints.save(step, state, meta)
+
+  def run(self, stop_at_step: int | None = None) -> dict[str, Any]:
+    """Trains to `config.train.num_steps` (or `stop_at_step`, as if pre-empted there)."""
+    cfg = self.config.train
+    state, position = self.restore_or_init()
+    step = int(state["step"])
+    last_saved = step if step else None
+    window: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"step": step}
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    clock, clock_step = time.perf_counter(), step
+    first_step_of_run = True
+    with _StopSignal() as stop:
+      while step < cfg.num_steps:
+        batch = data_lib.train_batch(self.train_data, self.sampler, position, cfg.batch_size)
+        state, metrics = self.train_step(state, self._put(batch))
+        position += cfg.batch_size
+        step += 1
+        window.append(metrics)
+        if first_step_of_run:  # do not count compilation in the first window's speed
+          jax.block_until_ready(state)
+          clock, clock_step = time.perf_counter(), step
+          first_step_of_run = False
+        preempted = stop.received is not None or step == stop_at_step
+        log = step % cfg.log_every == 0 or step == cfg.num_steps
+        evaluate = step % cfg.eval_every == 0 or step == cfg.num_steps
+        save = step % self.config.checkpoint.every == 0 or step == cfg.num_steps or preempted
+        if not (log or evaluate or save):
+          continue
+        record = _mean_metrics(window)
+        window = []
+        self._check_finite(record, step, last_saved)
+        if evaluate:
+          record.update(self.evaluate(state["params"]))
+        now = time.perf_counter()
+        if step > clock_step:
+          steps_per_sec = (step - clock_step) / (now - clock)
+          record["steps_per_sec"] = steps_per_sec
+          record["tokens_per_sec"] = steps_per_sec * tokens_per_step
+          eta = (cfg.num_steps - step) / steps_per_sec
+        else:
+          eta = None
+        clock, clock_step = now, step
+        if log or evaluate:
+          self.metrics.write(step, record, eta)
+        summary = {"step": step, **{k: float(np.mean(v)) for k, v in record.items()}}
+        if save:
+          self.save(state, step, position)
+          last_saved = step
+        if preempted:
+          reason = f"signal {stop.received}" if stop.received is not None else "stop_at_step"
+          logging.info("stopping at step %d (%s); checkpoint saved", step, reason)
+          break
+    self.checkpoints.wait()
+    self.state = state
+    return summary
+
+  @staticmethod
+  def _check_finite(record: dict[str, np.ndarray], step: int, last_saved: int | None) -> None:
+    finite = record.pop("finite")
+    if not np.all(finite == 1.0):
+      kept = f"step {last_saved}" if last_saved is not None else "none yet"
+      raise NonFiniteLossError(
+          f"non-finite loss or update before step {step} (train/loss={record['train/loss']:.4g}); "
+          f"stopped without saving. Last good checkpoint: {kept}"
+      )
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.metrics.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+          stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains (resuming from `workdir/checkpoints` if present); returns the last logged metrics."""
+  trainer = Trainer(config, workdir, devices)
+  try:
+    return trainer.run(stop_at_step)
+  finally:
+    trainer.close()
