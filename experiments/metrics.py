@@ -1,10 +1,9 @@
-"""Metric sinks: `workdir/metrics.jsonl`, a console line per log step, TensorBoard if installed."""
+"""Metric sinks: `workdir/metrics.jsonl`, a stdout line per log step, TensorBoard if installed."""
 import json
 import math
 import os
 from typing import Any
 
-from absl import logging
 import numpy as np
 
 
@@ -37,7 +36,7 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-    logging.info("%s", _console_line(step, scalars, eta_seconds))
+    print(_console_line(step, scalars, eta_seconds), flush=True)
     if self._tb is not None:
       for key, value in scalars.items():
         self._tb.add_scalar(key, value, step)

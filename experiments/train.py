@@ -64,14 +64,16 @@ def main(argv):
     _fail(f"cannot load --config ({type(e).__name__}: {e})")
   if config is None:
     _fail("--config is required, e.g. --config=experiments/configs/lm_dense.py")
+  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (Orbax) off the console
+    logging.set_verbosity(logging.WARNING)
   from experiments import trainer  # pylint: disable=g-import-not-at-top  (jax after flag parsing)
 
-  logging.set_verbosity(logging.INFO)
   try:
     summary = trainer.train(config, _WORKDIR.value)
   except (trainer.ConfigError, trainer.NonFiniteLossError) as e:
     _fail(str(e))
-  logging.info("done: %s", summary)
+  print(f"done at step {summary['step']}: " + ", ".join(
+      f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("eval/")), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,11 +103,15 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then cosine decay, after global-norm gradient clipping."""
+  """AdamW with linear warmup then cosine decay, after global-norm gradient clipping.
+
+  The warmup is capped at num_steps - 1 so that short runs (e.g. `--config.train.num_steps=20`)
+  still decay.
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=train.learning_rate,
-      warmup_steps=min(train.warmup_steps, train.num_steps),
+      warmup_steps=min(train.warmup_steps, train.num_steps - 1),
       decay_steps=train.num_steps,
       end_value=train.learning_rate * train.end_lr_fraction,
   )
@@ -304,7 +307,7 @@ class Trainer:
       return self.init_state(), 0
     abstract = ckpt_lib.abstract_like(self.abstract_state, self.state_shardings)
     state, meta = self.checkpoints.restore(step, abstract)
-    logging.info("resumed from %s at step %d", self.checkpoints.directory, step)
+    print(f"resumed from {self.checkpoints.directory} at step {step}", flush=True)
     return state, int(meta["data_position"])
 
   def evaluate(self, params) -> dict[str, float]:
@@ -380,7 +383,7 @@ class Trainer:
           last_saved = step
         if preempted:
           reason = f"signal {stop.received}" if stop.received is not None else "stop_at_step"
-          logging.info("stopping at step %d (%s); checkpoint saved", step, reason)
+          print(f"stopped at step {step} ({reason}); checkpoint saved", flush=True)
           break
     self.checkpoints.wait()
     self.state = state
