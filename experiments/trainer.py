@@ -1,7 +1,9 @@
 """The training loop: sharded jit train step, eval, metrics, checkpoints, resume, clean stops.
 
 `train(config, workdir)` is what `python -m experiments.train` runs. The train state is a
-plain dict pytree `{"step", "params", "opt_state", "rng"}`; the data position (an integer,
+plain dict pytree `{"step", "params", "model_state", "opt_state", "rng"}` (`model_state` holds
+the non-parameter variable collections, e.g. aux-loss-free router biases, updated by the train
+step outside the gradient); the data position (an integer,
 see `experiments.data.IndexSampler`) is saved beside it, so a resumed run sees exactly the
 batches an uninterrupted one would.
 """
@@ -140,25 +142,27 @@ def _stream_rngs(rng, step):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule) -> Callable:
   """(state, batch) -> (state, metrics); metrics include `finite`, False if anything went NaN/inf."""
 
-  def loss_fn(params, batch, rngs):
-    logits, aux = model.apply(
-        {"params": params}, batch["inputs"], deterministic=False, rngs=rngs
+  def loss_fn(params, model_state, batch, rngs):
+    (logits, aux), model_state = model.apply(
+        {"params": params, **model_state}, batch["inputs"], deterministic=False, rngs=rngs,
+        mutable=list(model_state),
     )
     nll_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
     ce = nll_sum / jnp.maximum(weight_sum, 1.0)
     aux_loss = sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
-    return ce + aux_loss, (ce, aux)
+    return ce + aux_loss, (ce, aux, model_state)
 
   def train_step(state, batch):
     rngs = _stream_rngs(state["rng"], state["step"])
-    (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, rngs
+    (total, (ce, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["model_state"], batch, rngs
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     update_norm = optax.tree.norm(updates)
     new_state = {
         "step": state["step"] + 1,
         "params": optax.apply_updates(state["params"], updates),
+        "model_state": model_state,
         "opt_state": opt_state,
         "rng": state["rng"],
     }
@@ -178,10 +182,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """(params, batch) -> (sum of NLL in nats, number of scored tokens)."""
+  """(params, model_state, batch) -> (sum of NLL in nats, number of scored tokens)."""
 
-  def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=True)
+  def eval_step(params, model_state, batch):
+    logits, _ = model.apply({"params": params, **model_state}, batch["inputs"],
+                            deterministic=True)
     return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
 
   return eval_step
@@ -253,32 +258,37 @@ class Trainer:
       )
       self.eval_step = jax.jit(
           make_eval_step(self.model),
-          in_shardings=(self.state_shardings["params"], self.batch_sharding),
+          in_shardings=(self.state_shardings["params"], self.state_shardings["model_state"],
+                        self.batch_sharding),
       )
 
-  def _init_params_boxed(self, rng):
+  def _init_variables_boxed(self, rng):
+    """All variable collections: "params" plus any state a layer keeps (e.g. router biases)."""
     tokens = jnp.zeros((1, self.config.train.seq_len), jnp.int32)
-    return self.model.init({"params": rng}, tokens)["params"]
+    return self.model.init({"params": rng}, tokens)
 
   def _init_abstract_state(self) -> None:
     with jax.set_mesh(self.mesh), sharding.with_rules():
-      boxed = jax.eval_shape(self._init_params_boxed, jax.random.PRNGKey(0))
-    param_shardings = sharding.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh)
-    abstract_params = nn.meta.unbox(boxed)
+      boxed = jax.eval_shape(self._init_variables_boxed, jax.random.PRNGKey(0))
+    shardings = sharding.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh)
+    variables = nn.meta.unbox(boxed)
+    abstract_params = variables.pop("params")
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, param_shardings,
+        self.tx, lambda _, s: s, abstract_opt, shardings["params"],
         transform_non_params=lambda _: self.replicated,
     )
     self.state_shardings = {
         "step": self.replicated,
-        "params": param_shardings,
+        "params": shardings.pop("params"),
+        "model_state": shardings,
         "opt_state": opt_shardings,
         "rng": self.replicated,
     }
     self.abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": abstract_params,
+        "model_state": variables,
         "opt_state": abstract_opt,
         "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
     }
@@ -289,10 +299,12 @@ class Trainer:
     init_rng, train_rng = jax.random.split(rng)
 
     def init(init_rng, train_rng):
-      params = nn.meta.unbox(self._init_params_boxed(init_rng))
+      variables = nn.meta.unbox(self._init_variables_boxed(init_rng))
+      params = variables.pop("params")
       return {
           "step": jnp.zeros((), jnp.int32),
           "params": params,
+          "model_state": variables,
           "opt_state": self.tx.init(params),
           "rng": train_rng,
       }
@@ -310,11 +322,12 @@ class Trainer:
     print(f"resumed from {self.checkpoints.directory} at step {step}", flush=True)
     return state, int(meta["data_position"])
 
-  def evaluate(self, params) -> dict[str, float]:
+  def evaluate(self, state) -> dict[str, float]:
     """Mean eval loss (nats per token) and bits per byte over the fixed eval batches."""
     nll, count = 0.0, 0.0
     for batch in self._eval_batches():
-      batch_nll, batch_count = self.eval_step(params, self._put(batch))
+      batch_nll, batch_count = self.eval_step(state["params"], state["model_state"],
+                                              self._put(batch))
       nll, count = nll + float(batch_nll), count + float(batch_count)
     loss = nll / max(count, 1.0)
     return {"eval/loss": loss, "eval/bpb": loss / math.log(2)}
@@ -365,7 +378,7 @@ class Trainer:
         window = []
         self._check_finite(record, step, last_saved)
         if evaluate:
-          record.update(self.evaluate(state["params"]))
+          record.update(self.evaluate(state))
         now = time.perf_counter()
         if step > clock_step:
           steps_per_sec = (step - clock_step) / (now - clock)
