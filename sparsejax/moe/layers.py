@@ -1,0 +1,268 @@
+"""The sparse mixture-of-experts FFN as a thin Flax Linen module over the pure MoE core."""
+from typing import Any, Mapping
+
+import flax.core
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.moe import balance
+from sparsejax.moe import dispatch
+from sparsejax.moe import experts
+from sparsejax.moe import plan as plan_lib
+from sparsejax.moe import routing
+from sparsejax.moe import soft
+from sparsejax.registry import FFNS
+from sparsejax.registry import ROUTERS
+
+_EXPERT_INIT = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+_ROUTER_INIT = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+
+def expert_params(module: nn.Module, prefix: str, num: int, hidden: int,
+                  expert_axis: str | None) -> dict[str, jax.Array]:
+  """`num` stacked FFN weights {"wi_EDF", "wo_EFD"(, "wg_EDF")} of `module`, in its dtype.
+
+  `module` provides d_model, expert ("ffn" | "swiglu"), dtype and param_dtype; weights carry
+  the logical axes (expert_axis, "embed", "mlp") and (expert_axis, "mlp", "embed").
+  """
+  w_in = ((num, module.d_model, hidden), (expert_axis, "embed", "mlp"))
+  w_out = ((num, hidden, module.d_model), (expert_axis, "mlp", "embed"))
+  specs = {"wi_EDF": w_in, "wo_EFD": w_out}
+  if module.expert == "swiglu":
+    specs["wg_EDF"] = w_in
+  return {
+      name: module.param(prefix + name, nn.with_logical_partitioning(_EXPERT_INIT, axes), shape,
+                         module.param_dtype).astype(module.dtype)
+      for name, (shape, axes) in specs.items()
+  }
+
+
+@FFNS.register("moe")
+class MoE(nn.Module):
+  """Token-routed experts: y_t = sum_k g_tk FFN_{e_tk}(x_t) (+ shared experts' FFN(x_t)).
+
+  Router logits x W_r are computed in float32 (Switch Transformer, Fedus et al., 2021); the
+  router named by `router` (see `ROUTERS`) builds a dispatch plan; `capacity_factor` None runs
+  the experts dropless on expert-sorted rows with a grouped matmul (MegaBlocks, Gale et al.,
+  2023), otherwise on `[E, C, D]` buffers with C = ceil(T k cf / E) and token dropping by
+  `priority` (GShard, Lepikhin et al., 2020). Expert-choice plans always use their own
+  capacity. All B * T tokens of a call form one routing group.
+
+  Attributes:
+    d_model: D. d_ff: F, hidden size of each expert (and of each shared expert).
+    num_experts: E. k: experts per token (the cap for "threshold", the average for
+      "expert_choice").
+    router: a `ROUTERS` name taking logits: "top_k", "expert_choice" or "threshold".
+    router_kwargs: extra keyword arguments of the router, e.g. {"order": ..., "renormalize":
+      True} for top_k, {"p": 0.5} for threshold, {"capacity_factor": 1.0} for expert_choice.
+    capacity_factor: None for dropless, else > 0. capacity_multiple: round C up to this.
+    priority: who keeps a slot when an expert overflows: "position" or "score".
+    expert: "ffn" (GELU) or "swiglu". num_shared_experts: always-on experts (DeepSeekMoE).
+    load_balance_weight, importance_weight, z_loss_weight: weights of the returned losses.
+    jitter: router-input noise eps when not deterministic; draws from the "dropout" rng.
+    bias_update_rate: > 0 turns on aux-loss-free balancing for "top_k": a selection bias in
+      the "moe_bias" collection, updated when that collection is mutable and not deterministic.
+    tile: largest row tile of the grouped matmul. dtype / param_dtype: compute / parameter dtype.
+  """
+  d_model: int
+  d_ff: int
+  num_experts: int = 8
+  k: int = 2
+  router: str = "top_k"
+  router_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  capacity_factor: float | None = None
+  capacity_multiple: int = 1
+  priority: str = "position"
+  expert: str = "swiglu"
+  num_shared_experts: int = 0
+  load_balance_weight: float = 1e-2
+  importance_weight: float = 0.0
+  z_loss_weight: float = 1e-3
+  jitter: float = 0.0
+  bias_update_rate: float = 0.0
+  tile: int = 256
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True):
+    """Returns (y_BTD, {"losses": {name: weighted scalar}, "metrics": {name: array}})."""
+    self._validate()
+    batch, length, d_model = x_BTD.shape
+    x_TD = x_BTD.reshape(batch * length, d_model)
+    logits_TE = self._router_logits(x_TD, deterministic)
+    routed, router_aux = self._route(logits_TE, deterministic)
+    plan = self._limit_capacity(routed)
+    y_TD = self._run_experts(x_TD.astype(self.dtype), plan)
+    if self.num_shared_experts:
+      y_TD = y_TD + self._shared_experts(x_TD.astype(self.dtype))
+    aux = self._aux(logits_TE, routed, plan, router_aux)
+    return y_TD.reshape(batch, length, d_model), aux
+
+  def _validate(self) -> None:
+    route_fn = ROUTERS.get(self.router)
+    if route_fn is routing.route_hash:
+      raise ValueError("router 'hash' routes token ids, which MoE does not receive; call "
+                       "routing.route_hash directly")
+    experts.check_expert_kind(self.expert)
+    routing.check_k(self.k, self.num_experts)
+    if self.capacity_factor is not None and not self.capacity_factor > 0:
+      raise ValueError(f"capacity_factor must be None or > 0, got {self.capacity_factor}")
+    if self.priority not in plan_lib.PRIORITIES:
+      raise ValueError(f"priority must be one of {plan_lib.PRIORITIES}, got {self.priority!r}")
+    if not 0 <= self.jitter < 1:
+      raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+    if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.router != "top_k"):
+      raise ValueError(f"bias_update_rate must be >= 0 and needs router 'top_k', got "
+                       f"{self.bias_update_rate} with router {self.router!r}")
+
+  def _router_logits(self, x_TD: jax.Array, deterministic: bool) -> jax.Array:
+    """float32 logits x W_r, with multiplicative jitter on x when training."""
+    w_DE = self.param("router_DE", nn.with_logical_partitioning(_ROUTER_INIT, ("embed", None)),
+                      (self.d_model, self.num_experts), self.param_dtype)
+    x_TD = x_TD.astype(jnp.float32)
+    if self.jitter > 0 and not deterministic:
+      x_TD = routing.apply_jitter(x_TD, self.make_rng("dropout"), self.jitter)
+    return x_TD @ w_DE.astype(jnp.float32)
+
+  def _route(self, logits_TE: jax.Array, deterministic: bool):
+    """The router's dropless (or expert-choice) plan, updating the aux-free bias if on."""
+    kwargs = dict(self.router_kwargs)
+    if self.bias_update_rate == 0:
+      return ROUTERS.get(self.router)(logits_TE, k=self.k, **kwargs)
+    bias = self.variable("moe_bias", "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
+    routed, router_aux = ROUTERS.get(self.router)(logits_TE, k=self.k, bias_E=bias.value,
+                                                  **kwargs)
+    if not deterministic and self.is_mutable_collection("moe_bias"):
+      bias.value = balance.update_bias(bias.value, plan_lib.group_sizes(routed),
+                                       self.bias_update_rate)
+    return routed, router_aux
+
+  def _limit_capacity(self, routed: plan_lib.DispatchPlan) -> plan_lib.DispatchPlan:
+    if routed.capacity is not None or self.capacity_factor is None:
+      return routed
+    capacity = plan_lib.compute_capacity(routed.num_tokens, routed.k, self.num_experts,
+                                         self.capacity_factor, self.capacity_multiple)
+    return plan_lib.apply_capacity(routed, capacity, self.priority)
+
+  def _run_experts(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan) -> jax.Array:
+    weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
+    x_RD = dispatch.dispatch(x_TD, plan)
+    if plan.capacity is None:
+      y_RD = experts.experts_grouped(x_RD, weights, plan_lib.group_sizes(plan), self.expert,
+                                     self.tile)
+    else:
+      x_ECD = x_RD.reshape(self.num_experts, plan.capacity, self.d_model)
+      y_RD = experts.experts_batched(x_ECD, weights, self.expert).reshape(x_RD.shape)
+    return dispatch.combine(y_RD, plan)
+
+  def _shared_experts(self, x_TD: jax.Array) -> jax.Array:
+    """num_shared_experts always-on FFNs, fused into one of hidden num_shared * F."""
+    weights = expert_params(self, "shared_", 1, self.num_shared_experts * self.d_ff, None)
+    return experts.experts_batched(x_TD[None], weights, self.expert)[0]
+
+  def _aux(self, logits_TE, routed, plan, router_aux) -> dict[str, dict[str, jax.Array]]:
+    fraction_E = balance.expert_fraction(routed)
+    z_loss = balance.router_z_loss(logits_TE)
+    routed_pairs = jnp.sum(routed.keep_TK)
+    dropped_pairs = routed_pairs - jnp.sum(plan.keep_TK)
+    metrics = {
+        "expert_load_E": fraction_E,
+        "load_max_over_mean": jnp.max(fraction_E) * self.num_experts,
+        "dropped_fraction": dropped_pairs / jnp.maximum(routed_pairs, 1),
+        "router_entropy": router_aux["entropy"],
+        "z_loss": z_loss,
+    }
+    metrics.update({name: value for name, value in router_aux.items()
+                    if name not in ("probs_TE", "entropy")})
+    losses = {}
+    if self.load_balance_weight:
+      losses["load_balance"] = self.load_balance_weight * balance.load_balance_loss(
+          router_aux["probs_TE"], fraction_E)
+    if self.importance_weight:
+      losses["importance"] = self.importance_weight * balance.importance_loss(routed)
+    if self.z_loss_weight:
+      losses["router_z"] = self.z_loss_weight * z_loss
+    return {"losses": losses, "metrics": metrics}
+
+
+@FFNS.register("soft_moe")
+class SoftMoE(nn.Module):
+  """Soft MoE: experts run on slots, each a softmax mix of a token group; tokens mix slots.
+
+  Per group of M tokens: slots = softmax_M(logits)^T x, expert e runs on its slots_per_expert
+  slots, y = softmax_S(logits) expert_out, with logits = scale * norm(x) norm(phi) (see
+  `soft.py`; Puigcerver et al., 2024). There is no dropping and no balancing loss.
+
+  A slot mixes every token of its group, so a group of M > 1 tokens lets a token see later
+  ones: with `causal` (the default, as in a decoder LM) the layer requires
+  token_group_size=1 (each token its own group; exact but E * slots_per_expert expert calls per
+  token). Set causal=False for encoders and ViTs.
+
+  Attributes:
+    d_model: D. d_ff: F of each expert. num_experts: E. slots_per_expert: p.
+    expert: "ffn" or "swiglu". causal: see above.
+    token_group_size: tokens per group along the sequence; None for the whole sequence.
+    dtype / param_dtype: compute / parameter dtype.
+  """
+  d_model: int
+  d_ff: int
+  num_experts: int = 8
+  slots_per_expert: int = 1
+  expert: str = "swiglu"
+  causal: bool = True
+  token_group_size: int | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True):
+    """Returns (y_BTD, {"losses": {}, "metrics": {"dispatch_entropy", "combine_entropy"}})."""
+    del deterministic  # Soft MoE has no training-only behaviour.
+    batch, length, d_model = x_BTD.shape
+    group = self._group_size(length)
+    num_slots = self.num_experts * self.slots_per_expert
+    phi_DS = self.param("phi_DS", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("embed", "slot")), (d_model, num_slots),
+        self.param_dtype)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ()), (),
+                       self.param_dtype)
+    x_GMD = x_BTD.reshape(batch * length // group, group, d_model).astype(self.dtype)
+    dispatch_GMS, combine_GMS = soft.soft_weights(x_GMD, phi_DS, scale)
+    slots_GSD = soft.soft_dispatch(x_GMD, dispatch_GMS)
+    out_GSD = self._run_experts(slots_GSD)
+    y_BTD = soft.soft_combine(out_GSD, combine_GMS).reshape(batch, length, d_model)
+    metrics = {
+        "dispatch_entropy": routing.router_entropy(jnp.swapaxes(dispatch_GMS, 1, 2)),
+        "combine_entropy": routing.router_entropy(combine_GMS),
+    }
+    return y_BTD, {"losses": {}, "metrics": metrics}
+
+  def _group_size(self, length: int) -> int:
+    """Tokens per group, after checking the configuration."""
+    experts.check_expert_kind(self.expert)
+    if self.num_experts < 1 or self.slots_per_expert < 1:
+      raise ValueError(f"num_experts and slots_per_expert must be >= 1, got "
+                       f"{self.num_experts} and {self.slots_per_expert}")
+    if self.causal and self.token_group_size != 1:
+      raise ValueError(f"SoftMoE with causal=True needs token_group_size=1 (a slot mixes all "
+                       f"tokens of its group, so larger groups see future tokens), got "
+                       f"token_group_size={self.token_group_size}; set causal=False for "
+                       f"non-causal models")
+    group = length if self.token_group_size is None else self.token_group_size
+    if group < 1 or length % group:
+      raise ValueError(f"token_group_size must be >= 1 and divide the length {length}, got "
+                       f"{self.token_group_size}")
+    return group
+
+  def _run_experts(self, slots_GSD: jax.Array) -> jax.Array:
+    """Expert e on slots [e * p, (e + 1) * p) of every group."""
+    num_groups, _, d_model = slots_GSD.shape
+    x_EGPD = slots_GSD.reshape(num_groups, self.num_experts, self.slots_per_expert,
+                               d_model).transpose(1, 0, 2, 3)
+    weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
+    out_ECD = experts.experts_batched(x_EGPD.reshape(self.num_experts, -1, d_model), weights,
+                                      self.expert)
+    return out_ECD.reshape(x_EGPD.shape).transpose(1, 0, 2, 3).reshape(slots_GSD.shape)
