@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,11 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step and mirrors scalars to the console and TensorBoard."""
+  """Appends one JSON object per logged step and mirrors scalars to the console and TensorBoard.
+
+  The console shows per-layer telemetry averaged over layers (`train/*/ffn/router_entropy`);
+  metrics.jsonl and TensorBoard keep every layer's value.
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -47,7 +52,23 @@ class MetricsWriter:
       self._tb.close()
 
 
+_LAYER_KEY = re.compile(r"^(\w+)/layer_\d+/(.+)$")
+
+
+def average_over_layers(scalars: dict[str, float]) -> dict[str, float]:
+  """Per-layer keys `p/layer_<i>/name` replaced by their mean over layers, keyed `p/*/name`."""
+  out, per_name = {}, {}
+  for key, value in scalars.items():
+    match = _LAYER_KEY.match(key)
+    if match:
+      per_name.setdefault(f"{match[1]}/*/{match[2]}", []).append(value)
+    else:
+      out[key] = value
+  return {**out, **{k: sum(v) / len(v) for k, v in per_name.items()}}
+
+
 def _console_line(step: int, scalars: dict[str, float], eta_seconds: float | None) -> str:
+  scalars = average_over_layers(scalars)
   first = ("train/loss", "eval/loss", "eval/bpb", "steps_per_sec", "tokens_per_sec")
   keys = [k for k in first if k in scalars] + sorted(k for k in scalars if k not in first)
   parts = [f"step {step}"] + [f"{k}={scalars[k]:.4g}" for k in keys]

@@ -9,6 +9,7 @@ batches an uninterrupted one would.
 """
 import math
 import os
+import re
 import signal
 import tempfile
 import time
@@ -24,6 +25,7 @@ import optax
 from experiments import checkpoints as ckpt_lib
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
+from experiments import plots
 from experiments.configs import base as base_config
 from sparsejax import models
 from sparsejax import sharding
@@ -32,6 +34,15 @@ from sparsejax import sharding
 FREE_FORM_KEYS = ("model.ffn", "model.attention")
 # RNG streams every model may draw from during training (dropout, router noise, ...).
 RNG_STREAMS = ("dropout", "router", "noise")
+
+
+# Per-expert load fractions in a layer's aux metrics; plotted per eval as [layers, experts].
+EXPERT_LOAD_KEY = "/expert_load_E"
+
+
+def _layer_order(key: str) -> tuple[int, str]:
+  match = re.search(r"layer_(\d+)/", key)
+  return (int(match[1]) if match else -1, key)
 
 
 class ConfigError(ValueError):
@@ -238,15 +249,15 @@ class Trainer:
           data_dir=config.data.data_dir, text_key=config.data.text_key,
       )
       self.model = models.build_lm(config.model, vocab_size=data_lib.VOCAB_SIZE)
+      self.tx, self.schedule = make_optimizer(train)
+      self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._init_abstract_state()  # traces the model: layers check their settings here
     except ValueError as e:
       raise ConfigError(str(e)) from None
     self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
-    self.tx, self.schedule = make_optimizer(train)
     self.batch_sharding = sharding.logical_to_mesh_sharding(
         jax.sharding.PartitionSpec("batch", "length"), self.mesh
     )
-    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self._init_abstract_state()
     self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
     self.metrics = metrics_lib.MetricsWriter(workdir)
     with jax.set_mesh(self.mesh), sharding.with_rules():
@@ -390,6 +401,8 @@ class Trainer:
         clock, clock_step = now, step
         if log or evaluate:
           self.metrics.write(step, record, eta)
+        if evaluate and self.config.train.plot_expert_load:
+          self._plot_expert_load(record, step)
         summary = {"step": step, **{k: float(np.mean(v)) for k, v in record.items()}}
         if save:
           self.save(state, step, position)
@@ -401,6 +414,15 @@ class Trainer:
     self.checkpoints.wait()
     self.state = state
     return summary
+
+  def _plot_expert_load(self, record: dict[str, np.ndarray], step: int) -> None:
+    """Writes the [layers, experts] load fractions of the last window as a PNG heatmap."""
+    loads = [record[k] for k in sorted(record, key=_layer_order) if k.endswith(EXPERT_LOAD_KEY)]
+    if not loads:
+      return
+    os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
+    path = os.path.join(self.workdir, "plots", f"expert_load_{step:07d}.png")
+    plots.write_heatmap_png(path, np.stack(loads))
 
   @staticmethod
   def _check_finite(record: dict[str, np.ndarray], step: int, last_saved: int | None) -> None:

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 200
   c.train.eval_batches = 16
+  c.train.plot_expert_load = True  # PNG heatmap of per-layer expert load per eval (MoE models)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200

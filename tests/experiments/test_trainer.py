@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -190,3 +191,49 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stdlib_data_dir, tmp_path)
   assert len(saved) == 1 and saved[0] >= 1
   last_logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"]
   assert saved[0] >= last_logged
+
+
+def tiny_moe_config(data_dir, **ffn):
+  c = tiny_config(data_dir)
+  c.model.ffn = ml_collections.ConfigDict(
+      {"name": "moe", "num_experts": 4, "k": 2, "capacity_factor": None, **ffn})
+  return c
+
+
+def test_moe_trains_logs_expert_load_and_plots(stdlib_data_dir, tmp_path):
+  run(tiny_moe_config(stdlib_data_dir), tmp_path)
+  records = metrics_lib.read_metrics(str(tmp_path))
+  last = records[-1]
+  for layer in (0, 1):
+    load = np.array(last[f"train/layer_{layer}/ffn/expert_load_E"])
+    assert load.shape == (4,) and load.sum() == pytest.approx(1.0, abs=1e-5)
+    assert last[f"train/layer_{layer}/ffn/dropped_fraction"] == 0.0
+  aux_losses = sum(v for k, v in last.items() if k.endswith(("/load_balance", "/router_z")))
+  assert last["train/total_loss"] == pytest.approx(last["train/loss"] + aux_losses, rel=1e-5)
+  assert sorted(os.listdir(tmp_path / "plots")) == ["expert_load_0000004.png",
+                                                    "expert_load_0000008.png"]
+
+
+def test_router_state_is_trained_checkpointed_and_resumed(stdlib_data_dir, tmp_path):
+  config = tiny_moe_config(stdlib_data_dir, bias_update_rate=1e-2)
+  t = trainer_lib.Trainer(config, str(tmp_path / "full"), jax.devices()[:1])
+  t.run()
+  full_state = jax.device_get(t.state)
+  t.close()
+  biases = jax.tree.leaves(full_state["model_state"])
+  assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases)
+  run(config, tmp_path / "split", stop_at_step=3)
+  t = trainer_lib.Trainer(config, str(tmp_path / "split"), jax.devices()[:1])
+  t.run()
+  assert_trees_close(jax.device_get(t.state["model_state"]), full_state["model_state"], 1e-6)
+  t.close()
+
+
+@pytest.mark.parametrize(
+    "ffn, message",
+    [({"k": 5}, "k"), ({"capacity_factor": 0.0}, "capacity_factor"),
+     ({"router": "nope"}, "unknown router 'nope'")],
+)
+def test_bad_router_settings_fail_at_config_time(stdlib_data_dir, tmp_path, ffn, message):
+  with pytest.raises(trainer_lib.ConfigError, match=message):
+    trainer_lib.Trainer(tiny_moe_config(stdlib_data_dir, **ffn), str(tmp_path), jax.devices()[:1])

@@ -1,0 +1,33 @@
+"""Top-2 dropless MoE byte LM on the embedded corpus: 8 SwiGLU experts in every layer.
+
+Command:
+  python -m experiments.train --config=experiments/configs/moe_lm.py --workdir=/tmp/moe_lm
+
+Same backbone as lm_dense.py (3 layers, width 128); each token runs k=2 experts of hidden 256,
+i.e. the dense model's active FFN FLOPs with 8x its FFN parameters. Router: softmax-then-top-k
+with renormalised gates, Switch load-balance loss 1e-2 and z-loss 1e-3. Logs per-expert load,
+dropped fraction, router entropy and z-loss, and writes an expert-load heatmap PNG per eval to
+DIR/plots. Variants: `--config.model.ffn.router=expert_choice`, `--config.model.ffn.capacity_factor=1.25`
+(token dropping), or the configs moe_lm_expert_choice.py and moe_lm_soft.py. Expected wall time and
+result on a 2-core CPU: see the README's MoE section.
+"""
+import ml_collections
+
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.ffn = ml_collections.ConfigDict({
+      "name": "moe",
+      "num_experts": 8,
+      "k": 2,
+      "router": "top_k",
+      "router_kwargs": {"order": "softmax_then_topk", "renormalize": True},
+      "capacity_factor": None,
+      "expert": "swiglu",
+      "load_balance_weight": 1e-2,
+      "z_loss_weight": 1e-3,
+  })
+  c.model.d_ff = 256
+  return c
