@@ -13,6 +13,16 @@ in by registering itself, without edits to the model):
   `d_ff` (an MoE layer uses it as each expert's hidden width). `ffn_kwargs` are the other
   entries of the config's `model.ffn` (everything but `name`); `build_lm` rejects keys that are
   not fields of the class, and keys that are contract fields.
+* FFN options, declared as class attributes (absent means False):
+  - `takes_token_ids: ClassVar[bool] = True` (e.g. "hash_moe", which routes by token id): the
+    model also passes its `vocab_size` to the constructor (so the class declares that field and
+    configs must not set it) and calls the layer as
+    `ffn(x_BTD, token_ids_BT=tokens_BT, deterministic=...)` with the model's int input tokens.
+  - `shares_router: ClassVar[bool] = True` (e.g. "moe") lets `TransformerLM(shared_router=True)`
+    use the FFN: the class defines `router_param(self, owner, name) -> w_DE`, which creates its
+    router weight as param `name` of the module `owner` (the model calls it on an instance built
+    with `parent=None` to create `params["shared_router"]`), and its call accepts
+    `router_DE=w_DE`, used instead of its own router param (which it then does not create).
 * Attention: registered with `@ATTENTIONS.register("name")`, built as
 
       ATTENTIONS.get(name)(d_model=d_model, num_heads=num_heads, positions=positions,
@@ -40,6 +50,7 @@ from sparsejax.models.layers import (
 from sparsejax.models.transformer import (
     ATTENTION_CONTRACT,
     FFN_CONTRACT,
+    TOKEN_IDS_CONTRACT,
     DecoderBlock,
     TransformerLM,
     build_lm,
@@ -51,6 +62,7 @@ __all__ = [
     "CausalSelfAttention",
     "DecoderBlock",
     "DenseFFN",
+    "TOKEN_IDS_CONTRACT",
     "TransformerLM",
     "apply_rope",
     "build_lm",

@@ -2,7 +2,9 @@
 
 The FFN and attention of every block are looked up by name in the `FFNS` and `ATTENTIONS`
 registries and constructed under the contract documented in `sparsejax.models`, so a new layer
-(MoE, memory, sparse attention) plugs in by registering itself, without edits here.
+(MoE, hash-routed MoE, memory, sparse attention) plugs in by registering itself, without edits
+here. FFNs that route by token id or share one router across layers declare it with the class
+attributes `takes_token_ids` and `shares_router`.
 """
 import inspect
 from typing import Any, Sequence
@@ -19,6 +21,8 @@ from sparsejax.registry import ATTENTIONS, FFNS, Registry
 Kwargs = tuple[tuple[str, Any], ...]
 
 FFN_CONTRACT = ("d_model", "d_ff", "dtype")
+# Also passed to an FFN that declares `takes_token_ids`: the range of the ids it receives.
+TOKEN_IDS_CONTRACT = ("vocab_size",)
 ATTENTION_CONTRACT = ("d_model", "num_heads", "positions", "dtype")
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -32,7 +36,9 @@ def _rms_norm(name: str, dtype: Any) -> nn.RMSNorm:
 class DecoderBlock(nn.Module):
   """Pre-norm residual block: x += attention(norm(x)); x += ffn(norm(x)).
 
-  The block's aux merges the attention's and the FFN's, prefixed "attention/" and "ffn/".
+  The FFN also receives `token_ids_BT` when its class declares `takes_token_ids`, and
+  `router_DE` when one is given (a router weight shared across blocks). The block's aux merges
+  the attention's and the FFN's, prefixed "attention/" and "ffn/".
   Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (pre-norm).
   """
 
@@ -47,7 +53,14 @@ class DecoderBlock(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+  def __call__(
+      self,
+      x_BTD: jax.Array,
+      *,
+      token_ids_BT: jax.Array | None = None,
+      router_DE: jax.Array | None = None,
+      deterministic: bool = True,
+  ) -> tuple[jax.Array, Aux]:
     attention = ATTENTIONS.get(self.attention)(
         d_model=self.d_model,
         num_heads=self.num_heads,
@@ -56,21 +69,38 @@ class DecoderBlock(nn.Module):
         name="attention",
         **dict(self.attention_kwargs),
     )
-    ffn = FFNS.get(self.ffn)(
+    ffn_cls = FFNS.get(self.ffn)
+    ffn = ffn_cls(
         d_model=self.d_model,
         d_ff=self.d_ff,
         dtype=self.dtype,
         name="ffn",
         **dict(self.ffn_kwargs),
     )
+    ffn_inputs = self._ffn_inputs(ffn_cls, token_ids_BT, router_DE)
     y_BTD, attention_aux = attention(
         _rms_norm("attention_norm", self.dtype)(x_BTD), deterministic=deterministic
     )
     x_BTD = x_BTD + y_BTD
-    y_BTD, ffn_aux = ffn(_rms_norm("ffn_norm", self.dtype)(x_BTD), deterministic=deterministic)
+    y_BTD, ffn_aux = ffn(
+        _rms_norm("ffn_norm", self.dtype)(x_BTD), deterministic=deterministic, **ffn_inputs
+    )
     x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
     aux = merge_aux("attention", attention_aux, empty_aux())
     return x_BTD, merge_aux("ffn", ffn_aux, aux)
+
+  def _ffn_inputs(
+      self, ffn_cls: type[nn.Module], token_ids_BT: jax.Array | None, router_DE: jax.Array | None
+  ) -> dict[str, jax.Array]:
+    """The FFN's call arguments beyond x: token ids if its class takes them, a shared router."""
+    inputs = {}
+    if _takes_token_ids(ffn_cls):
+      if token_ids_BT is None:
+        raise ValueError(f"ffn {self.ffn!r} routes by token id; call the block with token_ids_BT")
+      inputs["token_ids_BT"] = token_ids_BT
+    if router_DE is not None:
+      inputs["router_DE"] = router_DE
+    return inputs
 
 
 class TransformerLM(nn.Module):
@@ -83,9 +113,16 @@ class TransformerLM(nn.Module):
   its defaults. `ffn_kwargs` / `attention_kwargs` are tuples of (name, value) pairs so the module
   stays hashable. Logits are float32 whatever `dtype` (the compute dtype) is. Returns
   (logits_BTV, aux) with aux keys prefixed by the block path, e.g. "layer_1/ffn/load_balance".
+
+  An FFN class declaring `takes_token_ids` also gets `vocab_size` and is called with the
+  tokens. With `shared_router` (Omni-Router) the model owns one router weight W_r: D x E, the
+  param "shared_router", and every selected FFN (whose class must declare `shares_router`)
+  computes its router logits as x_l W_r from its own input x_l, so gradients of W_r sum over
+  layers.
   Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; Zhang & Sennrich
   2019, "Root Mean Square Layer Normalization"; Press & Wolf 2017, "Using the Output Embedding to
-  Improve Language Models" (tying).
+  Improve Language Models" (tying); Gu et al. 2025, "Omni-Router: Sharing Routing Decisions in
+  Sparse Mixture-of-Experts" (shared router).
   """
 
   vocab_size: int
@@ -101,6 +138,7 @@ class TransformerLM(nn.Module):
   ffn_layers: tuple[int, ...] | None = None
   attention: str = "dense"
   attention_kwargs: Kwargs = ()
+  shared_router: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -133,9 +171,15 @@ class TransformerLM(nn.Module):
       )
       x_BTD = x_BTD + pos_TD[:seq_len]
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+    router_DE = self._shared_router() if self.shared_router else None
     aux = empty_aux()
     for layer in range(self.num_layers):
-      x_BTD, block_aux = self._block(layer)(x_BTD, deterministic=deterministic)
+      x_BTD, block_aux = self._block(layer)(
+          x_BTD,
+          token_ids_BT=tokens_BT,
+          router_DE=router_DE if self._selected(layer) else None,
+          deterministic=deterministic,
+      )
       aux = merge_aux(f"layer_{layer}", block_aux, aux)
     x_BTD = _rms_norm("final_norm", self.dtype)(x_BTD)
     if self.tie_embeddings:
@@ -155,16 +199,37 @@ class TransformerLM(nn.Module):
     )
     return logits_BTV, aux
 
+  def _selected(self, layer: int) -> bool:
+    """Whether block `layer` uses the configured FFN (per `ffn_layers`) rather than "dense"."""
+    return self.ffn_layers is None or layer in self.ffn_layers
+
+  def _ffn_kwargs(self) -> Kwargs:
+    """The configured FFN's kwargs, plus the model's vocab_size if it takes token ids."""
+    if _takes_token_ids(FFNS.get(self.ffn)):
+      return (*self.ffn_kwargs, ("vocab_size", self.vocab_size))
+    return self.ffn_kwargs
+
+  def _shared_router(self) -> jax.Array:
+    """The router weight all selected FFNs share, created by the FFN class as "shared_router"."""
+    ffn = FFNS.get(self.ffn)(
+        d_model=self.d_model,
+        d_ff=self.d_ff,
+        dtype=self.dtype,
+        parent=None,
+        **dict(self._ffn_kwargs()),
+    )
+    return ffn.router_param(self, "shared_router")
+
   def _block(self, layer: int) -> DecoderBlock:
     """Block `layer`, with the configured FFN when selected by `ffn_layers`, else "dense"."""
-    selected = self.ffn_layers is None or layer in self.ffn_layers
+    selected = self._selected(layer)
     return DecoderBlock(
         d_model=self.d_model,
         num_heads=self.num_heads,
         d_ff=self.d_ff,
         positions=self.positions,
         ffn=self.ffn if selected else "dense",
-        ffn_kwargs=self.ffn_kwargs if selected else (),
+        ffn_kwargs=self._ffn_kwargs() if selected else (),
         attention=self.attention,
         attention_kwargs=self.attention_kwargs,
         dtype=self.dtype,
@@ -193,8 +258,21 @@ def _validate_lm(lm: TransformerLM) -> None:
       raise ValueError(
           f"ffn_layers {outside} out of range; allowed: 0..{lm.num_layers - 1}"
       )
-  _check_layer_kwargs(FFNS, lm.ffn, FFN_CONTRACT, lm.ffn_kwargs)
+  ffn_cls = FFNS.get(lm.ffn)
+  ffn_contract = FFN_CONTRACT + (TOKEN_IDS_CONTRACT if _takes_token_ids(ffn_cls) else ())
+  _check_layer_kwargs(FFNS, lm.ffn, ffn_contract, lm.ffn_kwargs)
   _check_layer_kwargs(ATTENTIONS, lm.attention, ATTENTION_CONTRACT, lm.attention_kwargs)
+  if lm.shared_router and not getattr(ffn_cls, "shares_router", False):
+    sharing = [name for name in FFNS if getattr(FFNS.get(name), "shares_router", False)]
+    raise ValueError(
+        f"shared_router=True needs an FFN that can share its router; ffn {lm.ffn!r} cannot; "
+        f"allowed: {', '.join(sharing)}"
+    )
+
+
+def _takes_token_ids(ffn_cls: type[nn.Module]) -> bool:
+  """Whether the FFN class declares `takes_token_ids` (routes by token id, e.g. hash layers)."""
+  return getattr(ffn_cls, "takes_token_ids", False)
 
 
 def _check_layer_kwargs(
@@ -232,6 +310,7 @@ _OPTIONAL_FIELDS = {
     "ffn": {"name": "dense"},
     "ffn_layers": None,
     "attention": {"name": "dense"},
+    "shared_router": False,
     "dtype": "float32",
 }
 
@@ -242,7 +321,8 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
   Required fields: d_model, num_layers, num_heads, d_ff, max_len. Optional, with defaults:
   positions="rope", tie_embeddings=True, ffn={"name": "dense"} (a ConfigDict with the registered
   FFN's `name` plus that FFN's own kwargs), ffn_layers=None, attention={"name": "dense"} (same
-  form), dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
+  form), shared_router=False (one router weight for all MoE layers, see `TransformerLM`),
+  dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
   """
   config = model_config.to_dict()
   unknown = sorted(set(config) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
@@ -274,6 +354,7 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
       ffn_layers=None if ffn_layers is None else tuple(ffn_layers),
       attention=attention,
       attention_kwargs=attention_kwargs,
+      shared_router=config["shared_router"],
       dtype=_DTYPES[config["dtype"]],
   )
 

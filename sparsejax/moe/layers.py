@@ -1,5 +1,6 @@
 """The sparse mixture-of-experts FFN as a thin Flax Linen module over the pure MoE core."""
-from typing import Any, Mapping
+import inspect
+from typing import Any, ClassVar, Mapping
 
 import flax.core
 import flax.linen as nn
@@ -54,18 +55,29 @@ class MoE(nn.Module):
     d_model: D. d_ff: F, hidden size of each expert (and of each shared expert).
     num_experts: E. k: experts per token (the cap for "threshold", the average for
       "expert_choice").
-    router: a `ROUTERS` name taking logits: "top_k", "expert_choice" or "threshold".
+    router: a `ROUTERS` name taking logits: "top_k", "expert_choice", "threshold",
+      "balanced" (BASE, k=1), "prototype", "moec", or "avg_k" (logits from the experts'
+      first-layer weights, see `routing.EXPERT_LOGITS`; no router params). Routers whose
+      signature has `deterministic` get it; those with `rng` get one from the "dropout" stream
+      when not deterministic.
     router_kwargs: extra keyword arguments of the router, e.g. {"order": ..., "renormalize":
-      True} for top_k, {"p": 0.5} for threshold, {"capacity_factor": 1.0} for expert_choice.
+      True} for top_k, {"p": 0.5} for threshold, {"capacity_factor": 1.0} for expert_choice,
+      {"cluster_size": 4, "expert_dropout": 0.5} for moec.
     capacity_factor: None for dropless, else > 0. capacity_multiple: round C up to this.
     priority: who keeps a slot when an expert overflows: "position" or "score".
     expert: "ffn" (GELU) or "swiglu". num_shared_experts: always-on experts (DeepSeekMoE).
     load_balance_weight, importance_weight, z_loss_weight: weights of the returned losses.
+    router_loss_weight: weight of each loss the router returns in its aux["losses"] (MoEC's
+      "cluster_variance").
     jitter: router-input noise eps when not deterministic; draws from the "dropout" rng.
     bias_update_rate: > 0 turns on aux-loss-free balancing for "top_k": a selection bias in
       the "moe_bias" collection, updated when that collection is mutable and not deterministic.
     tile: largest row tile of the grouped matmul. dtype / param_dtype: compute / parameter dtype.
+
+  Call with `router_DE` to route by a router weight owned elsewhere (Omni-Router's weight
+  shared by all MoE layers, Gu et al., 2025; see `TransformerLM(shared_router=True)`).
   """
+  shares_router: ClassVar[bool] = True
   d_model: int
   d_ff: int
   num_experts: int = 8
@@ -80,6 +92,7 @@ class MoE(nn.Module):
   load_balance_weight: float = 1e-2
   importance_weight: float = 0.0
   z_loss_weight: float = 1e-3
+  router_loss_weight: float = 1e-2
   jitter: float = 0.0
   bias_update_rate: float = 0.0
   tile: int = 256
@@ -87,15 +100,24 @@ class MoE(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True):
-    """Returns (y_BTD, {"losses": {name: weighted scalar}, "metrics": {name: array}})."""
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
+               router_DE: jax.Array | None = None):
+    """Returns (y_BTD, {"losses": {name: weighted scalar}, "metrics": {name: array}}).
+
+    `router_DE`: a `[D, E]` router weight to use instead of this layer's own "router_DE" param.
+    """
     self._validate()
     batch, length, d_model = x_BTD.shape
     x_TD = x_BTD.reshape(batch * length, d_model)
-    logits_TE = self._router_logits(x_TD, deterministic)
+    if self.router in routing.EXPERT_LOGITS:
+      weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
+      logits_TE = self._expert_logits(x_TD, weights["wi_EDF"], deterministic, router_DE)
+    else:
+      weights = None
+      logits_TE = self._router_logits(x_TD, deterministic, router_DE)
     routed, router_aux = self._route(logits_TE, deterministic)
     plan = self._limit_capacity(routed)
-    y_TD = self._run_experts(x_TD.astype(self.dtype), plan)
+    y_TD = self._run_experts(x_TD.astype(self.dtype), plan, weights)
     if self.num_shared_experts:
       y_TD = y_TD + self._shared_experts(x_TD.astype(self.dtype))
     aux = self._aux(logits_TE, routed, plan, router_aux)
@@ -104,8 +126,8 @@ class MoE(nn.Module):
   def _validate(self) -> None:
     route_fn = ROUTERS.get(self.router)
     if route_fn is routing.route_hash:
-      raise ValueError("router 'hash' routes token ids, which MoE does not receive; call "
-                       "routing.route_hash directly")
+      raise ValueError("router 'hash' routes token ids, which MoE does not receive; use the "
+                       "FFN 'hash_moe' (sparsejax.moe.hash_layer) instead")
     experts.check_expert_kind(self.expert)
     routing.check_k(self.k, self.num_experts)
     if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -118,27 +140,60 @@ class MoE(nn.Module):
       raise ValueError(f"bias_update_rate must be >= 0 and needs router 'top_k', got "
                        f"{self.bias_update_rate} with router {self.router!r}")
 
-  def _router_logits(self, x_TD: jax.Array, deterministic: bool) -> jax.Array:
+  def router_param(self, owner: nn.Module, name: str) -> jax.Array:
+    """The router weight W_r `[D, E]` as param `name` of `owner` (this layer, or a model)."""
+    return owner.param(name, nn.with_logical_partitioning(_ROUTER_INIT, ("embed", None)),
+                       (self.d_model, self.num_experts), self.param_dtype)
+
+  def _router_logits(self, x_TD: jax.Array, deterministic: bool,
+                     router_DE: jax.Array | None) -> jax.Array:
     """float32 logits x W_r, with multiplicative jitter on x when training."""
-    w_DE = self.param("router_DE", nn.with_logical_partitioning(_ROUTER_INIT, ("embed", None)),
-                      (self.d_model, self.num_experts), self.param_dtype)
+    if router_DE is None:
+      w_DE = self.router_param(self, "router_DE")
+    elif router_DE.shape != (self.d_model, self.num_experts):
+      raise ValueError(f"router_DE must have shape (d_model, num_experts) = "
+                       f"{(self.d_model, self.num_experts)}, got {router_DE.shape}")
+    else:
+      w_DE = router_DE
+    return self._router_input(x_TD, deterministic) @ w_DE.astype(jnp.float32)
+
+  def _expert_logits(self, x_TD: jax.Array, wi_EDF: jax.Array, deterministic: bool,
+                     router_DE: jax.Array | None) -> jax.Array:
+    """float32 logits of a router in `routing.EXPERT_LOGITS`, read off the expert weights."""
+    if router_DE is not None:
+      raise ValueError(f"router {self.router!r} routes by the expert weights and takes no "
+                       f"router_DE")
+    return routing.EXPERT_LOGITS[self.router](self._router_input(x_TD, deterministic), wi_EDF)
+
+  def _router_input(self, x_TD: jax.Array, deterministic: bool) -> jax.Array:
+    """x in float32, with multiplicative jitter when training."""
     x_TD = x_TD.astype(jnp.float32)
     if self.jitter > 0 and not deterministic:
       x_TD = routing.apply_jitter(x_TD, self.make_rng("dropout"), self.jitter)
-    return x_TD @ w_DE.astype(jnp.float32)
+    return x_TD
 
   def _route(self, logits_TE: jax.Array, deterministic: bool):
     """The router's dropless (or expert-choice) plan, updating the aux-free bias if on."""
-    kwargs = dict(self.router_kwargs)
+    route_fn = ROUTERS.get(self.router)
+    kwargs = {**self.router_kwargs, **self._mode_kwargs(route_fn, deterministic)}
     if self.bias_update_rate == 0:
-      return ROUTERS.get(self.router)(logits_TE, k=self.k, **kwargs)
+      return route_fn(logits_TE, k=self.k, **kwargs)
     bias = self.variable("moe_bias", "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
-    routed, router_aux = ROUTERS.get(self.router)(logits_TE, k=self.k, bias_E=bias.value,
-                                                  **kwargs)
+    routed, router_aux = route_fn(logits_TE, k=self.k, bias_E=bias.value, **kwargs)
     if not deterministic and self.is_mutable_collection("moe_bias"):
       bias.value = balance.update_bias(bias.value, plan_lib.group_sizes(routed),
                                        self.bias_update_rate)
     return routed, router_aux
+
+  def _mode_kwargs(self, route_fn, deterministic: bool) -> dict[str, Any]:
+    """`deterministic`, and when training a "dropout"-stream `rng`, if `route_fn` takes them."""
+    accepted = inspect.signature(route_fn).parameters
+    kwargs = {}
+    if "deterministic" in accepted:
+      kwargs["deterministic"] = deterministic
+    if "rng" in accepted and not deterministic:
+      kwargs["rng"] = self.make_rng("dropout")
+    return kwargs
 
   def _limit_capacity(self, routed: plan_lib.DispatchPlan) -> plan_lib.DispatchPlan:
     if routed.capacity is not None or self.capacity_factor is None:
@@ -147,8 +202,11 @@ class MoE(nn.Module):
                                          self.capacity_factor, self.capacity_multiple)
     return plan_lib.apply_capacity(routed, capacity, self.priority)
 
-  def _run_experts(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan) -> jax.Array:
-    weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
+  def _run_experts(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan,
+                   weights: dict[str, jax.Array] | None = None) -> jax.Array:
+    """The routed experts' combined output; `weights` if the router already created them."""
+    if weights is None:
+      weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
     x_RD = dispatch.dispatch(x_TD, plan)
     if plan.capacity is None:
       y_RD = experts.experts_grouped(x_RD, weights, plan_lib.group_sizes(plan), self.expert,
@@ -176,8 +234,11 @@ class MoE(nn.Module):
         "z_loss": z_loss,
     }
     metrics.update({name: value for name, value in router_aux.items()
-                    if name not in ("probs_TE", "entropy")})
+                    if name not in ("probs_TE", "entropy", "losses")})
     losses = {}
+    if self.router_loss_weight:
+      losses.update({name: self.router_loss_weight * value
+                     for name, value in router_aux.get("losses", {}).items()})
     if self.load_balance_weight:
       losses["load_balance"] = self.load_balance_weight * balance.load_balance_loss(
           router_aux["probs_TE"], fraction_E)

@@ -1,0 +1,35 @@
+r"""Sparse upcycling: the trained dense byte LM of lm_dense.py turned into a top-2 MoE LM.
+
+Commands (train the dense model, then continue it as an MoE from its last checkpoint):
+  python -m experiments.train --config=experiments/configs/lm_dense.py --workdir=DIR_DENSE
+  python -m experiments.train --config=experiments/configs/moe_lm_upcycle.py \
+      --workdir=DIR_UPCYCLED --config.init.from_workdir=DIR_DENSE
+
+Every block's FFN becomes 8 experts, each a copy of the dense GELU FFN of that block (hidden
+512, so expert="ffn" and d_ff equal to lm_dense.py's), with a zero-initialised router and
+renormalised top-2 gates: at step 0 the MoE LM computes exactly the dense LM's function, and
+training lets the experts diverge (Komatsuzaki et al., 2023, "Sparse Upcycling: Training
+Mixture-of-Experts from Dense Checkpoints"). Optimizer state and the schedule start afresh.
+Compare eval/bpb against continuing the dense run for as many steps. Expected wall time and
+result on a 2-core CPU: see the README's MoE section.
+"""
+import ml_collections
+
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.ffn = ml_collections.ConfigDict({
+      "name": "moe",
+      "num_experts": 8,
+      "k": 2,
+      "router": "top_k",
+      "router_kwargs": {"order": "softmax_then_topk", "renormalize": True},
+      "capacity_factor": None,
+      "expert": "ffn",
+      "load_balance_weight": 1e-2,
+      "z_loss_weight": 1e-3,
+  })
+  c.init.upcycle = True
+  return c
