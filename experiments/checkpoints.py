@@ -14,11 +14,13 @@ import orbax.checkpoint as ocp
 class Checkpoints:
   """The `workdir/checkpoints` manager: periodic saves, keeps the last `keep`, restores the latest."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int = 1, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only
+        ),
     )
 
   def latest_step(self) -> int | None:
@@ -39,6 +41,13 @@ class Checkpoints:
         ),
     )
     return restored.state, restored.meta
+
+  def restore_params(self, step: int) -> Any:
+    """The params saved at `step`, as host arrays in their saved structure (no target needed)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+    return restored.state["params"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -27,8 +27,10 @@ from experiments import data as data_lib
 from experiments import metrics as metrics_lib
 from experiments import plots
 from experiments.configs import base as base_config
+from sparsejax import memory
 from sparsejax import models
 from sparsejax import sharding
+from sparsejax.moe import upcycle
 
 # Subtrees whose extra keys are a layer's own arguments, validated by the model builder.
 FREE_FORM_KEYS = ("model.ffn", "model.attention")
@@ -90,6 +92,19 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
   return keys
 
 
+def with_data_statistics(model_config: ml_collections.ConfigDict,
+                         train_data: data_lib.WindowDataset) -> ml_collections.ConfigDict:
+  """`model_config` with `model.ffn.token_frequencies="train"` replaced by the training split's
+  unigram token frequencies (a tuple of VOCAB_SIZE floats), e.g. for balanced hash routing."""
+  if model_config.ffn.get("token_frequencies") != "train":
+    return model_config
+  model_config = ml_collections.ConfigDict(model_config.to_dict())
+  counts = train_data.token_counts(data_lib.VOCAB_SIZE)
+  del model_config.ffn["token_frequencies"]
+  model_config.ffn.token_frequencies = tuple(float(c) for c in counts / counts.sum())
+  return model_config
+
+
 def check_workdir(workdir: str) -> None:
   """Creates `workdir` and checks a file can be written there."""
   try:
@@ -118,6 +133,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
 def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup then cosine decay, after global-norm gradient clipping.
 
+  With `memory_value_learning_rate`, product-key memory value tables get their own AdamW whose
+  schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
+
   The warmup is capped at num_steps - 1 so that short runs (e.g. `--config.train.num_steps=20`)
   still decay.
   """
@@ -129,12 +147,14 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
       end_value=train.learning_rate * train.end_lr_fraction,
   )
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(train.grad_clip),
-      optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay,
-                  mask=decay_mask),
-  )
-  return tx, schedule
+  make_adamw = lambda lr: optax.adamw(lr, b1=train.b1, b2=train.b2,
+                                      weight_decay=train.weight_decay, mask=decay_mask)
+  if train.memory_value_learning_rate is None:
+    update = make_adamw(schedule)
+  else:
+    ratio = train.memory_value_learning_rate / train.learning_rate
+    update = memory.make_memory_optimizer(make_adamw, schedule, lambda step: ratio * schedule(step))
+  return optax.chain(optax.clip_by_global_norm(train.grad_clip), update), schedule
 
 
 def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT):
@@ -224,6 +244,39 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+def _like_params(opt_state: Any, params: Any, param_shardings: Any, other: Any) -> Any:
+  """Shardings for an optimizer state: a leaf whose key path ends with a param's path and has
+  its shape (Adam moments, also inside masks and `optax.multi_transform`) gets that param's
+  sharding; every other leaf (counts, scalars) gets `other`."""
+  by_path = {
+      jax.tree_util.keystr(path): (param.shape, sharding)
+      for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                         jax.tree.leaves(param_shardings))
+  }
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      shape, sharding = by_path.get(jax.tree_util.keystr(path[start:]), (None, None))
+      if shape == leaf.shape:
+        return sharding
+    return other
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _same_structure(loaded: Any, template: Any) -> Any:
+  """`loaded` after checking it has the tree structure and leaf shapes of `template`."""
+  if jax.tree.structure(loaded) != jax.tree.structure(template):
+    raise ValueError("its params do not have this model's structure; set config.init.upcycle "
+                     "to turn a dense model into an MoE one")
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(template)[0],
+                               jax.tree.leaves(loaded)):
+    if got.shape != want.shape:
+      raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {got.shape}, this model "
+                       f"needs {want.shape}")
+  return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), loaded, template)
+
+
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   stacked = jax.device_get(window)
   return {k: np.mean([m[k] for m in stacked], axis=0) for k in stacked[0]}
@@ -248,7 +301,8 @@ class Trainer:
           config.data.name, config.data.eval_split, train.seq_len,
           data_dir=config.data.data_dir, text_key=config.data.text_key,
       )
-      self.model = models.build_lm(config.model, vocab_size=data_lib.VOCAB_SIZE)
+      self.model = models.build_lm(with_data_statistics(config.model, self.train_data),
+                                   vocab_size=data_lib.VOCAB_SIZE)
       self.tx, self.schedule = make_optimizer(train)
       self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._init_abstract_state()  # traces the model: layers check their settings here
@@ -259,6 +313,8 @@ class Trainer:
         jax.sharding.PartitionSpec("batch", "length"), self.mesh
     )
     self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
+    if config.init.from_workdir is not None and self.checkpoints.latest_step() is None:
+      self._open_init_source()  # fail now, not after compiling, if there is nothing to load
     self.metrics = metrics_lib.MetricsWriter(workdir)
     with jax.set_mesh(self.mesh), sharding.with_rules():
       self.train_step = jax.jit(
@@ -285,10 +341,8 @@ class Trainer:
     variables = nn.meta.unbox(boxed)
     abstract_params = variables.pop("params")
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, shardings["params"],
-        transform_non_params=lambda _: self.replicated,
-    )
+    opt_shardings = _like_params(abstract_opt, abstract_params, shardings["params"],
+                                 self.replicated)
     self.state_shardings = {
         "step": self.replicated,
         "params": shardings.pop("params"),
@@ -321,7 +375,39 @@ class Trainer:
       }
 
     with jax.set_mesh(self.mesh), sharding.with_rules():
-      return jax.jit(init, out_shardings=self.state_shardings)(init_rng, train_rng)
+      state = jax.jit(init, out_shardings=self.state_shardings)(init_rng, train_rng)
+    if self.config.init.from_workdir is not None:
+      state = self._warm_start(state)
+    return state
+
+  def _open_init_source(self) -> tuple[ckpt_lib.Checkpoints, int]:
+    """The checkpoints of `config.init.from_workdir` and their latest step."""
+    source = ckpt_lib.Checkpoints(self.config.init.from_workdir, read_only=True)
+    step = source.latest_step()
+    if step is None:
+      raise ConfigError(
+          f"config.init.from_workdir={self.config.init.from_workdir!r} holds no checkpoint"
+      )
+    return source, step
+
+  def _warm_start(self, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with params from `config.init.from_workdir` (upcycled if asked) and fresh Adam."""
+    source, step = self._open_init_source()
+    loaded = source.restore_params(step)
+    template = jax.device_get(state["params"])
+    try:
+      if self.config.init.upcycle:
+        params = upcycle.upcycle_params(loaded, template)
+      else:
+        params = _same_structure(loaded, template)
+    except ValueError as e:
+      raise ConfigError(f"config.init.from_workdir={self.config.init.from_workdir!r}: {e}") from None
+    print(f"initialised from {source.directory} step {step}"
+          f"{' (upcycled)' if self.config.init.upcycle else ''}", flush=True)
+    with jax.set_mesh(self.mesh), sharding.with_rules():
+      params = jax.device_put(params, self.state_shardings["params"])
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+    return {**state, "params": params, "opt_state": opt_state}
 
   def restore_or_init(self) -> tuple[dict[str, Any], int]:
     """(state, data position) from the latest checkpoint, or a fresh start at position 0."""

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn = ml_collections.ConfigDict({"name": "dense"})
   c.model.ffn_layers = config_dict.placeholder(tuple)  # layers using model.ffn; None = all
   c.model.attention = ml_collections.ConfigDict({"name": "dense"})
+  c.model.shared_router = False  # Omni-Router: one router weight for every MoE layer
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 600
@@ -43,10 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0
+  # Product-key memory value tables' own peak learning rate (same schedule); None = learning_rate.
+  c.train.memory_value_learning_rate = config_dict.placeholder(float)
   c.train.log_every = 50
   c.train.eval_every = 200
   c.train.eval_batches = 16
   c.train.plot_expert_load = True  # PNG heatmap of per-layer expert load per eval (MoE models)
+
+  # Start from another run's params instead of random init (only when DIR has no checkpoint).
+  c.init = ml_collections.ConfigDict()
+  c.init.from_workdir = config_dict.placeholder(str)  # a workdir holding checkpoints
+  c.init.upcycle = False  # dense FFN params -> MoE experts (sparse upcycling)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200

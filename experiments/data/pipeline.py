@@ -153,6 +153,15 @@ class WindowDataset:
       self._stream = np.full(self.num_windows * seq_len + 1, PAD_ID, np.uint16)
       self._stream[: self.num_tokens] = np.concatenate(pieces)
 
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in the stream: int64 [vocab_size] (one pass if on demand)."""
+    if self._stream is not None:
+      return np.bincount(self._stream[: self.num_tokens], minlength=vocab_size)
+    counts = np.zeros(vocab_size, np.int64)
+    for k in range(len(self._source)):
+      counts += np.bincount(_record_tokens(self._source[k], self._text_key), minlength=vocab_size)
+    return counts
+
   def window(self, i: int) -> np.ndarray:
     """Window `i`: int32 [seq_len + 1], stream tokens i*T .. i*T + T, PAD_ID past the end."""
     if not 0 <= i < self.num_windows:

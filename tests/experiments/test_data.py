@@ -319,3 +319,11 @@ def test_batch_and_sampler_errors():
     data.WindowDataset([{"text": b"ab"}], 4, text_key="body")
   with pytest.raises(ValueError, match="at least 2 tokens"):
     data.WindowDataset([], 4)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_token_counts_match_the_naive_stream(in_memory):
+  texts = ["ab", "", "caab\u00e9"]
+  ds = data.WindowDataset([{"text": t} for t in texts], 4, in_memory=in_memory)
+  expected = np.bincount(reference_stream(texts), minlength=data.VOCAB_SIZE)
+  np.testing.assert_array_equal(ds.token_counts(data.VOCAB_SIZE), expected)

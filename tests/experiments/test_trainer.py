@@ -237,3 +237,79 @@ def test_router_state_is_trained_checkpointed_and_resumed(stdlib_data_dir, tmp_p
 def test_bad_router_settings_fail_at_config_time(stdlib_data_dir, tmp_path, ffn, message):
   with pytest.raises(trainer_lib.ConfigError, match=message):
     trainer_lib.Trainer(tiny_moe_config(stdlib_data_dir, **ffn), str(tmp_path), jax.devices()[:1])
+
+
+def test_init_from_workdir_copies_params_and_resets_the_rest(stdlib_data_dir, tmp_path):
+  _, source_params = run(tiny_config(stdlib_data_dir), tmp_path / "source", stop_at_step=4)
+  config = tiny_config(stdlib_data_dir)
+  config.init.from_workdir = str(tmp_path / "source")
+  t = trainer_lib.Trainer(config, str(tmp_path / "warm"), jax.devices()[:1])
+  state, position = t.restore_or_init()
+  assert position == 0 and int(state["step"]) == 0
+  assert_trees_close(jax.device_get(state["params"]), source_params, rtol=0)
+  mu = jax.tree.leaves(jax.device_get(state["opt_state"][1][0].mu))
+  assert all(np.all(m == 0) for m in mu)  # fresh Adam moments
+  t.close()
+
+
+def test_init_from_workdir_errors(stdlib_data_dir, tmp_path):
+  config = tiny_config(stdlib_data_dir)
+  config.init.from_workdir = str(tmp_path / "empty")
+  with pytest.raises(trainer_lib.ConfigError, match="holds no checkpoint"):
+    trainer_lib.Trainer(config, str(tmp_path / "a"), jax.devices()[:1])
+  run(tiny_config(stdlib_data_dir), tmp_path / "source", stop_at_step=2)
+  config = tiny_config(stdlib_data_dir)
+  config.model.d_ff = 48
+  config.init.from_workdir = str(tmp_path / "source")
+  t = trainer_lib.Trainer(config, str(tmp_path / "b"), jax.devices()[:1])
+  with pytest.raises(trainer_lib.ConfigError, match=r"has shape \(32, 64\), this model needs \(32, 48\)"):
+    t.restore_or_init()
+  t.close()
+
+
+def test_memory_values_get_their_own_learning_rate(stdlib_data_dir, tmp_path):
+  def values_update(value_lr):
+    config = tiny_config(stdlib_data_dir, num_steps=2, log_every=1, eval_every=2)
+    config.model.ffn = ml_collections.ConfigDict(
+        {"name": "pkm", "num_keys": 8, "k": 4, "num_heads": 1, "d_key": 16})
+    config.train.memory_value_learning_rate = value_lr
+    t = trainer_lib.Trainer(config, str(tmp_path / str(value_lr)), jax.devices()[:1])
+    before = jax.device_get(t.init_state()["params"])
+    t.run()
+    after = jax.device_get(t.state["params"])
+    t.close()
+    delta = lambda name: np.abs(after["layer_0"]["ffn"][name] - before["layer_0"]["ffn"][name]).max()
+    return delta("values"), delta("subkeys")
+
+  base_values, base_keys = values_update(None)
+  fast_values, fast_keys = values_update(0.03)  # 10x the base learning rate
+  assert fast_values == pytest.approx(10 * base_values, rel=0.05)  # Adam: step ~ lr
+  assert fast_keys == pytest.approx(base_keys, rel=1e-5)
+
+
+def test_optimizer_moments_are_sharded_like_their_params(stdlib_data_dir, tmp_path):
+  config = tiny_config(stdlib_data_dir)
+  config.mesh.update(data=2, fsdp=2, model=2)
+  t = trainer_lib.Trainer(config, str(tmp_path), jax.devices())
+  params = t.state_shardings["params"]
+  adam = t.state_shardings["opt_state"][1][0]
+  assert params["embed"]["embedding"].spec == jax.sharding.PartitionSpec("model", "fsdp")
+  for moments in (adam.mu, adam.nu):
+    assert jax.tree.map(lambda s: s.spec, moments) == jax.tree.map(lambda s: s.spec, params)
+  assert adam.count.spec == jax.sharding.PartitionSpec()
+  t.close()
+
+
+def test_upcycled_moe_starts_with_the_dense_models_eval_loss(stdlib_data_dir, tmp_path):
+  dense = tiny_config(stdlib_data_dir)
+  t = trainer_lib.Trainer(dense, str(tmp_path / "dense"), jax.devices()[:1])
+  t.run(stop_at_step=4)
+  dense_eval = t.evaluate(t.state)
+  t.close()
+  config = tiny_moe_config(stdlib_data_dir, expert="ffn", router_kwargs={"renormalize": True})
+  config.init.update(from_workdir=str(tmp_path / "dense"), upcycle=True)
+  t = trainer_lib.Trainer(config, str(tmp_path / "moe"), jax.devices()[:1])
+  state, _ = t.restore_or_init()
+  moe_eval = t.evaluate(state)
+  t.close()
+  assert moe_eval["eval/loss"] == pytest.approx(dense_eval["eval/loss"], rel=1e-5)
