@@ -10,9 +10,11 @@ Backends (chosen by `implementation`, see `kernels.backend`):
 
   reference   dense: every row times every group's weight, masked (G times the FLOPs; what
               `jax.lax.ragged_dot` costs on CPU).
-  xla         a while loop over (row tile, group) steps: one `[tm, K] x [K, N]` matmul per step,
-              the result written to the step's own rows. Rows are computed
-              M + G (tm - 1) times at most, never G M.
+  xla         a loop over groups: one `[tm, K] x [K, N]` matmul per whole row tile of the group,
+              then one for the rest (< tm rows) in the smallest window that holds it, its size
+              picked by `lax.switch` from a static ladder 16, 20, 24, 28, 32, 40, ... up to tm
+              (`xla_window_sizes`). At most 1.25 M + 16 G rows are computed, never G M, in few,
+              large matmuls; tgmm sums a group's matmuls in float32 and stores dw[g] once.
   pallas tpu  the MegaBlocks kernel: a fixed grid (N tiles, steps, K tiles), steps listed by
               `make_group_tiles` and passed as scalar prefetch; an output tile shared by groups is
               revisited on consecutive steps, each writing its own rows.
@@ -40,6 +42,7 @@ Tiling = tuple[int, int, int]
 DEFAULT_TILING: Tiling = (128, 128, 128)
 _TPU_ALIGN = (16, 128, 128)  # (sublane, lane, lane) multiples a TPU block dim needs
 _GPU_MIN_TILE = 16  # smallest tile a Triton dot accepts
+_XLA_MIN_WINDOW = 16  # smallest row window of the XLA loop below its tile
 
 
 class GroupTiles(NamedTuple):
@@ -140,7 +143,8 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
     group_sizes_G: int `[G]`, non-negative; rows past M are cut off.
     implementation: "auto", "pallas", "xla" or "reference" (see `kernels.backend`).
     interpret: run the Pallas kernel in the Pallas interpreter (CPU tests).
-    tiling: (tm, tk, tn) tile sizes of the Pallas kernels; the XLA loop uses tm.
+    tiling: (tm, tk, tn) tile sizes of the Pallas kernels; the XLA loop uses tm as its whole
+      row tile (`xla_window_sizes` lists the smaller windows).
     platform: the platform to plan for (default: JAX's default backend), e.g. "tpu" to lower
       the TPU kernel from a CPU host with `jax.export`.
 
@@ -279,63 +283,122 @@ def _run_tgmm(lhs_MK, grad_MN, group_sizes_G, config):
 # -------------------------------------------------------------------------------------- XLA
 
 
-def _step_window(plan: GroupTiles, step: jax.Array, num_rows: int, tile: int):
-  """Step `step`'s row window start (kept inside the array) and the mask of the rows it owns.
+def xla_window_sizes(num_rows: int, tile: int) -> tuple[int, ...]:
+  """The static row-window sizes of the XLA loop, ascending, each capped at num_rows.
 
-  The last window is shifted back to end at num_rows; rows before the nominal tile are masked,
-  so every row of a group is owned by exactly one of its steps.
+  `tile` and, below it, p, 5p/4, 3p/2 and 7p/4 for p = 16, 32, 64, ...: the smallest size
+  holding r <= tile rows is at most max(16, 1.25 r).
   """
-  group = plan.group_S[step]
-  tile_start = plan.tile_S[step] * tile
-  start = jnp.minimum(tile_start, num_rows - tile)
-  rows_R = start + jnp.arange(tile, dtype=jnp.int32)
-  mine_R = (rows_R >= jnp.maximum(tile_start, plan.starts_G[group])) & (
-      rows_R < plan.ends_G[group])
-  return start, mine_R
+  sizes = {tile}
+  octave = _XLA_MIN_WINDOW
+  while octave < tile:
+    sizes.update(s for s in (octave, 5 * octave // 4, 3 * octave // 2, 7 * octave // 4)
+                 if s < tile)
+    octave *= 2
+  return tuple(sorted({min(s, num_rows) for s in sizes}))
+
+
+def _window(start: jax.Array, end: jax.Array, size: int, num_rows: int):
+  """A `size`-row window holding rows [start, end): its first row, moved back to keep the
+  window inside the array, and the `[size, 1]` mask of the rows in [start, end)."""
+  first = jnp.minimum(start, num_rows - size)
+  rows_R = first + jnp.arange(size, dtype=jnp.int32)
+  return first, ((rows_R >= start) & (rows_R < end))[:, None]
+
+
+def _switch_on_window(rows: jax.Array, sizes: tuple[int, ...], branch):
+  """`branch(size)()` for the smallest of the ascending `sizes` holding `rows` <= sizes[-1]."""
+  index = jnp.sum(jnp.asarray(sizes) < rows)
+  return lax.switch(index, [functools.partial(branch, size) for size in sizes])
+
+
+def _full_tiles(start: jax.Array, end: jax.Array, tile: int, step, carry):
+  """(carry, next_row): carry = step(first, carry) for each whole tile [first, first + tile)
+  of rows [start, end) in turn; next_row is the first row after those tiles."""
+
+  def body(_, carry_and_row):
+    carry, row = carry_and_row
+    return step(row, carry), row + tile
+
+  return lax.fori_loop(0, (end - start) // tile, body, (carry, start))
 
 
 def _gmm_xla(lhs_MK, rhs, group_sizes_G, transpose_rhs, tile_m, out_dtype):
-  """The XLA loop: one `[tm, K] x [K, N]` matmul per (tile, group) step, written to its rows."""
+  """A loop over groups: per group, a `[tm, K] x [K, N]` matmul per whole row tile, written to
+  its rows, then one matmul for the rest in the smallest window that holds it."""
   num_rows = lhs_MK.shape[0]
-  tile = min(tile_m, num_rows)
-  plan = make_group_tiles(group_sizes_G, num_rows, tile, visit_empty_groups=False,
-                          tail_group=False)
+  out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  sizes = xla_window_sizes(num_rows, tile_m)
+  tile = sizes[-1]
+  starts_G, ends_G = group_bounds(group_sizes_G, num_rows)
   contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
-  def step(s, out_MN):
-    start, mine_R = _step_window(plan, s, num_rows, tile)
-    lhs_RK = lax.dynamic_slice_in_dim(lhs_MK, start, tile)
-    rhs_KN = lax.dynamic_index_in_dim(rhs, plan.group_S[s], keepdims=False)
-    part_RN = lax.dot_general(lhs_RK, rhs_KN, (contract, ((), ())),
-                              preferred_element_type=jnp.float32).astype(out_dtype)
-    old_RN = lax.dynamic_slice_in_dim(out_MN, start, tile)
-    return lax.dynamic_update_slice_in_dim(out_MN, jnp.where(mine_R[:, None], part_RN, old_RN),
-                                           start, axis=0)
+  def group(g, out_MN):
+    rhs_KN = lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+    end = ends_G[g]
 
-  out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  return lax.fori_loop(0, plan.num_steps, step, jnp.zeros((num_rows, out_dim), out_dtype))
+    def matmul(first, size):
+      lhs_RK = lax.dynamic_slice_in_dim(lhs_MK, first, size)
+      return lax.dot_general(lhs_RK, rhs_KN, (contract, ((), ())),
+                             preferred_element_type=jnp.float32).astype(out_dtype)
+
+    def write_tile(first, out_MN):
+      return lax.dynamic_update_slice_in_dim(out_MN, matmul(first, tile), first, axis=0)
+
+    out_MN, start = _full_tiles(starts_G[g], end, tile, write_tile, out_MN)
+    # A switch branch cannot update out_MN in place (XLA would copy it), so each returns the
+    # rest's rows placed in a `tile`-row block, written back under the mask.
+    first, mine_T1 = _window(start, end, tile, num_rows)
+
+    def rest_block(size):
+      window_first, _ = _window(start, end, size, num_rows)
+      return lax.dynamic_update_slice_in_dim(
+          jnp.zeros((tile, out_dim), out_dtype), matmul(window_first, size),
+          window_first - first, axis=0)
+
+    block_TN = _switch_on_window(end - start, sizes, rest_block)
+    old_TN = lax.dynamic_slice_in_dim(out_MN, first, tile)
+    return lax.dynamic_update_slice_in_dim(out_MN, jnp.where(mine_T1, block_TN, old_TN), first,
+                                           axis=0)
+
+  return lax.fori_loop(0, group_sizes_G.shape[0], group,
+                       jnp.zeros((num_rows, out_dim), out_dtype))
 
 
 def _tgmm_xla(lhs_MK, grad_MN, group_sizes_G, tile_m, out_dtype):
-  """The XLA loop: dw[g] += lhs_tile^T grad_tile over the (tile, group) steps, in float32."""
+  """A loop over groups: per group, the sum of `[K, tm] x [tm, N]` matmuls over its whole row
+  tiles and one over the rest in the smallest window that holds it, masked to the group."""
   num_rows = lhs_MK.shape[0]
-  tile = min(tile_m, num_rows)
-  plan = make_group_tiles(group_sizes_G, num_rows, tile, visit_empty_groups=False,
-                          tail_group=False)
+  sizes = xla_window_sizes(num_rows, tile_m)
+  tile = sizes[-1]
+  starts_G, ends_G = group_bounds(group_sizes_G, num_rows)
+  # XLA:CPU's fast dot path (YNNPACK) takes `[K, R] x [R, N]` but not `[R, K]^T x [R, N]`,
+  # which falls back to a slower one: one transposed copy of lhs pays for itself.
+  lhs_KM = lhs_MK.T
 
-  def step(s, dw_GKN):
-    start, mine_R = _step_window(plan, s, num_rows, tile)
-    lhs_RK = jnp.where(mine_R[:, None], lax.dynamic_slice_in_dim(lhs_MK, start, tile), 0)
-    grad_RN = jnp.where(mine_R[:, None], lax.dynamic_slice_in_dim(grad_MN, start, tile), 0)
-    part_KN = lax.dot_general(lhs_RK, grad_RN, (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    group = plan.group_S[s]
-    old_KN = lax.dynamic_index_in_dim(dw_GKN, group, keepdims=False)
-    return lax.dynamic_update_index_in_dim(dw_GKN, old_KN + part_KN, group, axis=0)
+  def matmul(first, size, mine_R1=None):
+    lhs_KR = lax.dynamic_slice_in_dim(lhs_KM, first, size, axis=1)
+    grad_RN = lax.dynamic_slice_in_dim(grad_MN, first, size)
+    if mine_R1 is not None:
+      lhs_KR = jnp.where(mine_R1.T, lhs_KR, 0)
+      grad_RN = jnp.where(mine_R1, grad_RN, 0)
+    return jnp.dot(lhs_KR, grad_RN, preferred_element_type=jnp.float32)
+
+  def group(g, dw_GKN):
+    end = ends_G[g]
+    acc_KN = jnp.zeros(dw_GKN.shape[1:], jnp.float32)
+    acc_KN, start = _full_tiles(starts_G[g], end, tile,
+                                lambda first, acc_KN: acc_KN + matmul(first, tile), acc_KN)
+
+    def rest(size):
+      first, mine_R1 = _window(start, end, size, num_rows)
+      return matmul(first, size, mine_R1)
+
+    dw_KN = acc_KN + _switch_on_window(end - start, sizes, rest)
+    return lax.dynamic_update_index_in_dim(dw_GKN, dw_KN.astype(out_dtype), g, axis=0)
 
   shape = (group_sizes_G.shape[0], lhs_MK.shape[1], grad_MN.shape[1])
-  dw_GKN = lax.fori_loop(0, plan.num_steps, step, jnp.zeros(shape, jnp.float32))
-  return dw_GKN.astype(out_dtype)
+  return lax.fori_loop(0, shape[0], group, jnp.zeros(shape, out_dtype))
 
 
 # ----------------------------------------------------------------------------- Pallas helpers

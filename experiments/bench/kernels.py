@@ -4,9 +4,11 @@ Block-sparse: y = x W and both gradients, M = K = N = 2048, 128 x 128 blocks, a 
 block mask holding exactly round(d R C) blocks, d in {10, 25, 50, 100} %, against the dense
 matmul of the same shape (`jax.vjp(jnp.matmul)`). gmm: a dropless-MoE shape, M = 8192 rows
 sorted into G = 32 groups of random (Dirichlet) sizes, K = 256, N = 512, against
-`jax.lax.ragged_dot` with its own VJP. The kernels run `implementation="auto"`: on CPU the XLA
-implementation, which at 100 % density multiplies the densified weight. Targets: block-sparse >= 4x / 2x / 1.2x faster than dense at 10 / 25 /
-50 % and within 1.2x of it at 100 %; gmm >= 10x faster than ragged_dot.
+`jax.lax.ragged_dot` with its own VJP; its row also gives `time_vs_same_flops_dense`, its time
+over that of one dense `[M, K] x [K, N]` matmul (the same FLOPs, the floor for any grouped
+matmul). The kernels run `implementation="auto"`: on CPU the XLA implementation, which at
+100 % density multiplies the densified weight. Targets: block-sparse >= 4x / 2x / 1.2x faster
+than dense at 10 / 25 / 50 % and within 1.2x of it at 100 %; gmm >= 10x faster than ragged_dot.
 
     python -m experiments.bench kernels [--json FILE] [--repeats N] [--quick]
 """
@@ -92,6 +94,9 @@ def _gmm_rows(num_rows: int, contract: int, out_dim: int, groups: int, repeats: 
                        group_sizes_G, repeats=repeats, shape=shape)
   ours = timing.case("gmm", forward_backward(gmm), lhs_MK, rhs_GKN, group_sizes_G,
                      repeats=repeats, shape=shape)
+  dense_s = timing.time_jitted(jax.jit(forward_backward(jnp.matmul)), lhs_MK, rhs_GKN[0],
+                               repeats=repeats)
+  ours["time_vs_same_flops_dense"] = ours["median_s"] / dense_s
   return [_with_speedup(ours, ragged), ragged]
 
 

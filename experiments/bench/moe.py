@@ -8,7 +8,7 @@ gradients of sum(y * cotangent) w.r.t. the input and all weights. All MoE cases 
 same `route_top_k` (renormalised gates); they differ in how tokens reach the experts:
 
 * `moe_dropless`: `sparsejax.moe.MoE`, capacity None: sort by expert, grouped matmul
-  (`sparsejax.moe.grouped_matmul`, tiled sorted layout), unsort.
+  (`kernels.gmm.gmm`, XLA path on CPU), unsort.
 * `moe_capacity`: the same layer with capacity factor 1.25 ([E, C, D] buffers, index scatter).
 * `dense_ffn`: the baseline. A dense GELU FFN of hidden 2f: the same active FLOPs per token.
 * `onehot_einsum`: GShard / Mesh-TensorFlow style dispatch, capacity factor 1.25: one-hot

@@ -1,19 +1,20 @@
-"""Mixture of experts: dispatch plans, routers, balancing, dispatch/combine, grouped matmul, layers.
+"""Mixture of experts: dispatch plans, routers, balancing, dispatch/combine, experts, layers.
+
+Dropless experts run on `kernels.gmm`, the grouped matmul.
 
 Importing this package registers the routers in `ROUTERS` and the "moe", "soft_moe" and
 "hash_moe" layers in `FFNS`. `upcycle.upcycle_params` turns a dense LM's params into an MoE LM's.
 """
+from sparsejax.moe import assignment
 from sparsejax.moe import balance
 from sparsejax.moe import dispatch
 from sparsejax.moe import experts
-from sparsejax.moe import gmm
 from sparsejax.moe import hash_layer
 from sparsejax.moe import layers
 from sparsejax.moe import plan
 from sparsejax.moe import routing
 from sparsejax.moe import soft
 from sparsejax.moe import upcycle
-from sparsejax.moe.gmm import grouped_matmul
 from sparsejax.moe.hash_layer import HashMoE
 from sparsejax.moe.layers import MoE
 from sparsejax.moe.layers import SoftMoE

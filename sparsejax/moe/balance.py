@@ -1,4 +1,4 @@
-"""Load-balancing losses, router z-loss and aux-loss-free bias balancing (pure functions)."""
+"""Load-balancing losses, router z-loss, MoEC cluster variance and aux-loss-free bias balancing."""
 import jax
 import jax.numpy as jnp
 
@@ -53,3 +53,17 @@ def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
   load_E = load_E.astype(jnp.float32)
   step_E = rate * jnp.sign(jnp.mean(load_E) - load_E)
   return jax.lax.stop_gradient(bias_E + step_E.astype(bias_E.dtype))
+
+
+def cluster_variance_loss(probs_TE: jax.Array, cluster_size: int) -> jax.Array:
+  """Mean variance of routing probabilities within expert clusters.
+
+  L = 1 / (T G) sum_t sum_g Var_{e in cluster g}(p_te), population variance over the c experts
+  [g c, (g + 1) c) of cluster g, G = E / c. Minimising it makes the experts of a cluster
+  receive similar tokens (MoEC's variance-based constraint; Xie et al., 2023, "MoEC: Mixture
+  of Expert Clusters").
+  """
+  num_tokens, num_experts = probs_TE.shape
+  probs_TGC = probs_TE.astype(jnp.float32).reshape(num_tokens, num_experts // cluster_size,
+                                                   cluster_size)
+  return jnp.mean(jnp.var(probs_TGC, axis=-1))

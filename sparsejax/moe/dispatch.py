@@ -4,7 +4,7 @@ A plan places every kept (token, choice) pair in one row of an expert-major layo
   * capacity plans: row = e * C + slot, an `[E * C, D]` buffer (reshape to `[E, C, D]`);
     rows no token claimed are 0;
   * dropless plans: row = start_e + slot with start_e = sum_{e' < e} size_e', the
-    expert-sorted `[T * K, D]` layout of `gmm.grouped_matmul` (MegaBlocks, Gale et al., 2023);
+    expert-sorted `[T * K, D]` layout of `kernels.gmm.gmm` (MegaBlocks, Gale et al., 2023);
     rows past sum_e size_e are 0.
 Dispatch is one row gather, combine one weighted segment-sum; nothing builds a one-hot
 `[T, E, C]` tensor.

@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax.moe.gmm import grouped_matmul
+from kernels import gmm as gmm_lib
 
 EXPERT_KINDS = ("ffn", "swiglu")
 
@@ -36,7 +36,13 @@ def experts_batched(x_ECD: jax.Array, weights: dict[str, jax.Array], kind: str) 
 
 
 def experts_grouped(x_MD: jax.Array, weights: dict[str, jax.Array], group_sizes_E: jax.Array,
-                    kind: str, tile: int = 256) -> jax.Array:
-  """Expert FFNs on expert-sorted rows (group e = rows of expert e): `[M, D]` -> `[M, D]`."""
-  return _ffn(x_MD, weights, kind,
-              lambda x, w: grouped_matmul(x, w, group_sizes_E, tile=tile))
+                    kind: str, *, implementation: str = "auto",
+                    tile: int = gmm_lib.DEFAULT_TILING[0]) -> jax.Array:
+  """Expert FFNs on expert-sorted rows (group e = rows of expert e): `[M, D]` -> `[M, D]`.
+
+  Each matmul is `kernels.gmm.gmm` with `implementation` ("auto", "pallas", "xla" or
+  "reference") and row tile `tile` (the kernel's default K and N tiles).
+  """
+  tiling = (tile,) + gmm_lib.DEFAULT_TILING[1:]
+  return _ffn(x_MD, weights, kind, lambda x, w: gmm_lib.gmm(
+      x, w, group_sizes_E, implementation=implementation, tiling=tiling))

@@ -72,7 +72,9 @@ class MoE(nn.Module):
     jitter: router-input noise eps when not deterministic; draws from the "dropout" rng.
     bias_update_rate: > 0 turns on aux-loss-free balancing for "top_k": a selection bias in
       the "moe_bias" collection, updated when that collection is mutable and not deterministic.
-    tile: largest row tile of the grouped matmul. dtype / param_dtype: compute / parameter dtype.
+    implementation: backend of the dropless grouped matmul `kernels.gmm.gmm`: "auto", "pallas",
+      "xla" or "reference". tile: its row tile tm (the kernel's default is 128).
+    dtype / param_dtype: compute / parameter dtype.
 
   Call with `router_DE` to route by a router weight owned elsewhere (Omni-Router's weight
   shared by all MoE layers, Gu et al., 2025; see `TransformerLM(shared_router=True)`).
@@ -95,7 +97,8 @@ class MoE(nn.Module):
   router_loss_weight: float = 1e-2
   jitter: float = 0.0
   bias_update_rate: float = 0.0
-  tile: int = 256
+  implementation: str = "auto"
+  tile: int = 128
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -175,7 +178,8 @@ class MoE(nn.Module):
   def _route(self, logits_TE: jax.Array, deterministic: bool):
     """The router's dropless (or expert-choice) plan, updating the aux-free bias if on."""
     route_fn = ROUTERS.get(self.router)
-    kwargs = {**self.router_kwargs, **self._mode_kwargs(route_fn, deterministic)}
+    kwargs = dict(self.router_kwargs)
+    kwargs.update(self._mode_kwargs(route_fn, deterministic))
     if self.bias_update_rate == 0:
       return route_fn(logits_TE, k=self.k, **kwargs)
     bias = self.variable("moe_bias", "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
@@ -210,7 +214,7 @@ class MoE(nn.Module):
     x_RD = dispatch.dispatch(x_TD, plan)
     if plan.capacity is None:
       y_RD = experts.experts_grouped(x_RD, weights, plan_lib.group_sizes(plan), self.expert,
-                                     self.tile)
+                                     implementation=self.implementation, tile=self.tile)
     else:
       x_ECD = x_RD.reshape(self.num_experts, plan.capacity, self.d_model)
       y_RD = experts.experts_batched(x_ECD, weights, self.expert).reshape(x_RD.shape)

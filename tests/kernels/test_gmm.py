@@ -2,8 +2,9 @@
 
 The dense reference is itself checked against a per-group NumPy loop. Pallas kernels run in
 interpret mode (NaN where a kernel never wrote, caught by the finiteness checks), on shapes that
-are not multiples of the tiles, with empty groups, one group holding every row and rows past
-the groups.
+are not multiples of the tiles, with empty groups, one group holding every row, one-row groups
+sharing a tile and rows past the groups. The XLA loop runs with a row tile that leaves the rest
+of a group to its smaller windows.
 """
 import hypothesis
 from hypothesis import strategies as st
@@ -22,9 +23,10 @@ SIZES = {
     "ragged": [5, 0, 9, 0, 13],  # empty groups, groups sharing tiles, 10 rows past the groups
     "one_group_holds_all": [0, 0, M, 0, 0],
     "all_empty": [0, 0, 0, 0, 0],
+    "single_rows": [1, 1, 1, 1, 1],
 }
 BACKENDS = {
-    "xla": dict(implementation="xla", tiling=TILING),
+    "xla": dict(implementation="xla", tiling=(32, 8, 8)),  # windows 16 to 28 below the tile
     "pallas_tpu": dict(implementation="pallas", interpret=True, tiling=TILING),
     "pallas_gpu": dict(implementation="pallas", interpret=True, tiling=(16, 16, 16),
                        platform="gpu"),
@@ -91,6 +93,20 @@ def test_bfloat16(backend):
                            **BACKENDS[backend])
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_rows_past_the_groups_are_ignored_even_if_not_finite(backend):
+  """NaN / inf in rows of no group change nothing: every backend masks both tgmm operands."""
+  lhs, rhs, dy, ct = _data(M, K, N, 5)
+  sizes = jnp.array(SIZES["ragged"], jnp.int32)
+  past_M1 = (jnp.arange(M) >= jnp.sum(sizes))[:, None]
+  expected = _all_outputs(jnp.where(past_M1, 0, lhs), rhs, sizes, jnp.where(past_M1, 0, dy), ct,
+                          implementation="reference")
+  actual = _all_outputs(jnp.where(past_M1, jnp.nan, lhs), rhs, sizes,
+                        jnp.where(past_M1, jnp.inf, dy), ct, **BACKENDS[backend])
+  for name, a, e in zip(NAMES, actual, expected):
+    assert_close(a, e, name)
+
+
 def test_tpu_kernels_under_the_tpu_simulator():
   """The TPU simulator models VMEM buffers and pipelining: revisits of an output tile must be
   consecutive and every row of a revisited tile must end up written."""
@@ -103,7 +119,7 @@ def test_tpu_kernels_under_the_tpu_simulator():
 @hypothesis.settings(max_examples=6, deadline=None, database=None)
 @hypothesis.given(
     num_rows=st.integers(1, 40), contract=st.integers(1, 9), out_dim=st.integers(1, 9),
-    tile=st.integers(1, 16), data=st.data())
+    tile=st.integers(1, 48), data=st.data())
 def test_xla_random_shapes_and_sizes(num_rows, contract, out_dim, tile, data):
   groups = data.draw(st.integers(1, 6))
   # Sizes summing to less than, exactly, or more than M (rows past M are cut off).
@@ -122,6 +138,16 @@ def test_pallas_random_shapes_and_sizes(backend, data):
   sizes = data.draw(st.lists(st.integers(0, num_rows), min_size=groups, max_size=groups))
   lhs, rhs, dy, ct = _data(num_rows, contract, out_dim, groups, seed=num_rows)
   _check_against_reference(lhs, rhs, jnp.array(sizes, jnp.int32), dy, ct, **BACKENDS[backend])
+
+
+def test_xla_window_sizes_hold_every_rest_with_little_waste():
+  assert gmm_lib.xla_window_sizes(1000, 128) == (16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96,
+                                                 112, 128)
+  assert gmm_lib.xla_window_sizes(37, 64) == (16, 20, 24, 28, 32, 37)  # capped at the rows
+  assert gmm_lib.xla_window_sizes(37, 8) == (8,)
+  sizes = gmm_lib.xla_window_sizes(1000, 200)
+  for rest in range(201):
+    assert min(s for s in sizes if s >= rest) <= max(16, 1.25 * rest)
 
 
 @hypothesis.settings(max_examples=15, deadline=None, database=None)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 
 
 def softmax(z):
@@ -96,3 +97,55 @@ def moe_loop(x_TD, weights, experts, gates_TK, keep, kind):
       out = ffn(x_TD[tokens], weights, e, kind)
       y_TD = y_TD.at[tokens].add(gates_TK[tokens, choices][:, None] * out)
   return y_TD
+
+
+def balanced_optimum(scores, capacity):
+  """Best total score with `capacity` tokens per expert: linear_sum_assignment on the T x T
+  matrix whose columns are the experts, each repeated `capacity` times."""
+  slots = np.repeat(np.asarray(scores, np.float64), capacity, axis=1)
+  rows, cols = scipy.optimize.linear_sum_assignment(slots, maximize=True)
+  return slots[rows, cols].sum()
+
+
+def sinkhorn_log_v(z, capacity, num_iters):
+  """Sinkhorn in scaling form on K = exp(z): u = 1 / (K v), v = C / (K^T u), from v = 1; log v."""
+  kernel = np.exp(np.asarray(z, np.float64))
+  v = np.ones(kernel.shape[1])
+  for _ in range(num_iters):
+    u = 1.0 / (kernel @ v)
+    v = capacity / (kernel.T @ u)
+  return np.log(v)
+
+
+def avg_k(x, w, k):
+  """Per token: the k experts whose mean first-layer key has the largest dot product with x."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  scores = np.array([[x[t] @ w[e].mean(axis=1) for e in range(w.shape[0])]
+                     for t in range(x.shape[0])])
+  experts = [sorted(range(w.shape[0]), key=lambda e: (-scores[t, e], e))[:k]
+             for t in range(x.shape[0])]
+  return scores, np.array(experts)
+
+
+def prototype(logits, k):
+  """Per token and group g of E / k experts: the group's argmax, gate its in-group softmax."""
+  logits = np.asarray(logits, np.float64)
+  size = logits.shape[1] // k
+  experts, gates = [], []
+  for t in range(logits.shape[0]):
+    row_e, row_g = [], []
+    for g in range(k):
+      probs = softmax(logits[t, g * size:(g + 1) * size])
+      row_e.append(g * size + int(np.argmax(probs)))
+      row_g.append(probs.max())
+    experts.append(row_e)
+    gates.append(row_g)
+  return np.array(experts), np.array(gates)
+
+
+def cluster_variance(probs, cluster_size):
+  """Mean over tokens and clusters of the population variance of p within the cluster."""
+  probs = np.asarray(probs, np.float64)
+  values = [np.var(probs[t, g:g + cluster_size])
+            for t in range(probs.shape[0]) for g in range(0, probs.shape[1], cluster_size)]
+  return np.mean(values)
