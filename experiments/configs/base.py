@@ -34,11 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.shared_router = False  # Omni-Router: one router weight for every MoE layer
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600
+  c.train.num_steps = 400
   c.train.batch_size = 32
   c.train.seq_len = 128
   c.train.learning_rate = 3e-3
-  c.train.warmup_steps = 60
+  c.train.warmup_steps = 40
   c.train.end_lr_fraction = 0.1  # cosine decays to learning_rate * end_lr_fraction
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Product-key memory value tables' own peak learning rate (same schedule); None = learning_rate.
   c.train.memory_value_learning_rate = config_dict.placeholder(float)
   c.train.log_every = 50
-  c.train.eval_every = 200
+  c.train.eval_every = 100
   c.train.eval_batches = 16
   c.train.plot_expert_load = True  # PNG heatmap of per-layer expert load per eval (MoE models)
 
@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.init.upcycle = False  # dense FFN params -> MoE experts (sparse upcycling)
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 200
+  c.checkpoint.every = 100
   c.checkpoint.keep = 3
 
   # Mesh axis sizes; one may be -1 = "all remaining devices".

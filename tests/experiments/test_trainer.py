@@ -216,13 +216,15 @@ def test_moe_trains_logs_expert_load_and_plots(stdlib_data_dir, tmp_path):
 
 def test_router_state_is_trained_checkpointed_and_resumed(stdlib_data_dir, tmp_path):
   config = tiny_moe_config(stdlib_data_dir, bias_update_rate=1e-2)
+  config.train.update(num_steps=4, eval_every=4)
+  config.checkpoint.every = 2
   t = trainer_lib.Trainer(config, str(tmp_path / "full"), jax.devices()[:1])
   t.run()
   full_state = jax.device_get(t.state)
   t.close()
   biases = jax.tree.leaves(full_state["model_state"])
   assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases)
-  run(config, tmp_path / "split", stop_at_step=3)
+  run(config, tmp_path / "split", stop_at_step=1)
   t = trainer_lib.Trainer(config, str(tmp_path / "split"), jax.devices()[:1])
   t.run()
   assert_trees_close(jax.device_get(t.state["model_state"]), full_state["model_state"], 1e-6)
