@@ -502,16 +502,23 @@ def _gmm_tpu(lhs_MK, rhs, group_sizes_G, transpose_rhs, tiling, out_dtype, inter
   return out_MN[:num_rows, :out_dim]
 
 
+def _pad_tgmm_operands(lhs_MK, grad_MN, tiling, platform):
+  """(lhs, grad) zero-padded to whole tiles, and the (tm, tk, tn) tiles fitted to their shapes."""
+  num_rows, contract = lhs_MK.shape
+  tm, tk, tn = _fit_tiles(tiling, (num_rows, contract, grad_MN.shape[1]), platform)
+  padded_rows = _round_up(num_rows, tm)
+  lhs_MK = _pad_to(lhs_MK, (padded_rows, _round_up(contract, tk)))
+  grad_MN = _pad_to(grad_MN, (padded_rows, _round_up(grad_MN.shape[1], tn)))
+  return lhs_MK, grad_MN, (tm, tk, tn)
+
+
 def _tgmm_tpu(lhs_MK, grad_MN, group_sizes_G, tiling, out_dtype, interpret):
   """Mosaic kernel on a fixed grid (K tiles, N tiles, tiles + G - 1 steps): a group's steps are
   consecutive, accumulate in VMEM and store once; an empty group's one step stores zeros."""
   num_rows, contract = lhs_MK.shape
   out_dim = grad_MN.shape[1]
   num_groups = group_sizes_G.shape[0]
-  tm, tk, tn = _fit_tiles(tiling, (num_rows, contract, out_dim), "tpu")
-  padded_rows = _round_up(num_rows, tm)
-  lhs_MK = _pad_to(lhs_MK, (padded_rows, _round_up(contract, tk)))
-  grad_MN = _pad_to(grad_MN, (padded_rows, _round_up(out_dim, tn)))
+  lhs_MK, grad_MN, (tm, tk, tn) = _pad_tgmm_operands(lhs_MK, grad_MN, tiling, "tpu")
   tiles_k, tiles_n = lhs_MK.shape[1] // tk, grad_MN.shape[1] // tn
   plan = make_group_tiles(group_sizes_G, num_rows, tm, visit_empty_groups=True, tail_group=False)
   num_slots = plan.group_S.shape[0]
@@ -629,10 +636,7 @@ def _tgmm_gpu(lhs_MK, grad_MN, group_sizes_G, tiling, out_dtype, interpret):
   num_rows, contract = lhs_MK.shape
   out_dim = grad_MN.shape[1]
   num_groups = group_sizes_G.shape[0]
-  tm, tk, tn = _fit_tiles(tiling, (num_rows, contract, out_dim), "gpu")
-  padded_rows = _round_up(num_rows, tm)
-  lhs_MK = _pad_to(lhs_MK, (padded_rows, _round_up(contract, tk)))
-  grad_MN = _pad_to(grad_MN, (padded_rows, _round_up(out_dim, tn)))
+  lhs_MK, grad_MN, (tm, tk, tn) = _pad_tgmm_operands(lhs_MK, grad_MN, tiling, "gpu")
   tiles_k, tiles_n = lhs_MK.shape[1] // tk, grad_MN.shape[1] // tn
   starts_G, ends_G = group_bounds(group_sizes_G, num_rows)
 

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     module = bench.load(args.name)
   except ValueError as e:
     parser.error(str(e))
-  rows = module.run(repeats=args.repeats, quick=args.quick)
+  try:
+    rows = module.run(repeats=args.repeats, quick=args.quick)
+  except ValueError as e:  # e.g. a GPU benchmark asked for on a CPU-only machine
+    parser.error(str(e))
   print(format_table(rows, getattr(module, "BASELINE", None)))
   if args.json:
     with open(args.json, "w") as f:

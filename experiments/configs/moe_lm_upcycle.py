@@ -13,23 +13,13 @@ Mixture-of-Experts from Dense Checkpoints"). Optimizer state and the schedule st
 Compare eval/bpb against continuing the dense run for as many steps. Expected wall time and
 result on a 2-core CPU: see the README's MoE section.
 """
-import ml_collections
-
 from experiments.configs import base
+from experiments.configs import moe_lm
 
 
 def get_config():
-  c = base.get_config()
-  c.model.ffn = ml_collections.ConfigDict({
-      "name": "moe",
-      "num_experts": 8,
-      "k": 2,
-      "router": "top_k",
-      "router_kwargs": {"order": "softmax_then_topk", "renormalize": True},
-      "capacity_factor": None,
-      "expert": "ffn",
-      "load_balance_weight": 1e-2,
-      "z_loss_weight": 1e-3,
-  })
+  c = moe_lm.get_config()
+  c.model.ffn.expert = "ffn"  # the dense model's GELU FFN
+  c.model.d_ff = base.get_config().model.d_ff
   c.init.upcycle = True
   return c
