@@ -4,7 +4,8 @@ Command:
   python -m experiments.train --config=experiments/configs/moe_lm.py --workdir=/tmp/moe_lm
 
 Same backbone as lm_dense.py (3 layers, width 128); each token runs k=2 experts of hidden 256,
-i.e. the dense model's active FFN FLOPs with 8x its FFN parameters. Router: softmax-then-top-k
+i.e. the dense model's active hidden width (SwiGLU's gate makes it 1.5x the dense GELU
+FFN's active FLOPs) with 8x its FFN parameters. Router: softmax-then-top-k
 with renormalised gates, Switch load-balance loss 1e-2 and z-loss 1e-3. Logs per-expert load,
 dropped fraction, router entropy and z-loss, and writes an expert-load heatmap PNG per eval to
 DIR/plots. Variants: `--config.model.ffn.router=expert_choice`, `--config.model.ffn.capacity_factor=1.25`

@@ -10,8 +10,11 @@ Layers For Large Sparse Models"). The "balanced" table packs the 258 ids by thei
 frequency in the training split (`token_frequencies="train"`, which the trainer replaces with
 those frequencies) so that expected expert loads are even;
 `--config.model.ffn.hash_table=random` draws the table uniformly instead. Logs per-expert load
-and writes an expert-load heatmap PNG per eval. Expected wall time and result on a 2-core CPU:
-see the README's MoE section.
+and writes an expert-load heatmap PNG per eval.
+
+Expected on a 2-core CPU: 400 steps in about 3.3 minutes, eval/bpb about 1.83 (measured 1.832;
+moe_lm.py 1.974, lm_dense.py 2.161). Max/mean expert load stays about 2.4: the space byte
+alone is more than 1/8 of the stream, so no table over byte ids can balance it.
 """
 import ml_collections
 
