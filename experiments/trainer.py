@@ -309,6 +309,7 @@ class Trainer:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
+    self.eval_batches = data_lib.eval_batches(self.eval_data, train.batch_size, train.eval_batches)
     self.batch_sharding = sharding.logical_to_mesh_sharding(
         jax.sharding.PartitionSpec("batch", "length"), self.mesh
     )
@@ -422,19 +423,12 @@ class Trainer:
   def evaluate(self, state) -> dict[str, float]:
     """Mean eval loss (nats per token) and bits per byte over the fixed eval batches."""
     nll, count = 0.0, 0.0
-    for batch in self._eval_batches():
+    for batch in self.eval_batches:
       batch_nll, batch_count = self.eval_step(state["params"], state["model_state"],
                                               self._put(batch))
       nll, count = nll + float(batch_nll), count + float(batch_count)
     loss = nll / max(count, 1.0)
     return {"eval/loss": loss, "eval/bpb": loss / math.log(2)}
-
-  def _eval_batches(self):
-    if not hasattr(self, "_eval_cache"):
-      self._eval_cache = data_lib.eval_batches(
-          self.eval_data, self.config.train.batch_size, self.config.train.eval_batches
-      )
-    return self._eval_cache
 
   def _put(self, batch: dict[str, np.ndarray]):
     return jax.device_put(batch, self.batch_sharding)
@@ -474,17 +468,14 @@ class Trainer:
         record = _mean_metrics(window)
         window = []
         self._check_finite(record, step, last_saved)
-        if evaluate:
-          record.update(self.evaluate(state))
-        now = time.perf_counter()
-        if step > clock_step:
-          steps_per_sec = (step - clock_step) / (now - clock)
+        eta = None
+        if step > clock_step:  # training speed only: eval and saving are timed out below
+          steps_per_sec = (step - clock_step) / (time.perf_counter() - clock)
           record["steps_per_sec"] = steps_per_sec
           record["tokens_per_sec"] = steps_per_sec * tokens_per_step
           eta = (cfg.num_steps - step) / steps_per_sec
-        else:
-          eta = None
-        clock, clock_step = now, step
+        if evaluate:
+          record.update(self.evaluate(state))
         if log or evaluate:
           self.metrics.write(step, record, eta)
         if evaluate and self.config.train.plot_expert_load:
@@ -493,6 +484,7 @@ class Trainer:
         if save:
           self.save(state, step, position)
           last_saved = step
+        clock, clock_step = time.perf_counter(), step
         if preempted:
           reason = f"signal {stop.received}" if stop.received is not None else "stop_at_step"
           print(f"stopped at step {step} ({reason}); checkpoint saved", flush=True)
