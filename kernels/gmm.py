@@ -111,20 +111,24 @@ def group_of_rows(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
   return jnp.searchsorted(ends_G, jnp.arange(num_rows), side="right").astype(jnp.int32)
 
 
+def _row_group_onehot(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
+  """float32 [M, G]: 1 where row m belongs to group g (rows past every group are all 0)."""
+  groups_G = jnp.arange(group_sizes_G.shape[0])
+  return (group_of_rows(group_sizes_G, num_rows)[:, None] == groups_G).astype(jnp.float32)
+
+
 def gmm_reference(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
   """Dense reference of `gmm`: y[m] = sum_g [g(m) = g] lhs[m] rhs[g], in float32."""
-  onehot_MG = group_of_rows(group_sizes_G, lhs_MK.shape[0])[:, None] == jnp.arange(
-      rhs_GKN.shape[0])
-  y_MN = jnp.einsum("mg,mk,gkn->mn", onehot_MG.astype(jnp.float32), lhs_MK.astype(jnp.float32),
+  onehot_MG = _row_group_onehot(group_sizes_G, lhs_MK.shape[0])
+  y_MN = jnp.einsum("mg,mk,gkn->mn", onehot_MG, lhs_MK.astype(jnp.float32),
                     rhs_GKN.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   return y_MN.astype(jnp.result_type(lhs_MK, rhs_GKN))
 
 
 def tgmm_reference(lhs_MK: jax.Array, grad_MN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
   """Dense reference of `tgmm`: dw[g] = sum_m [g(m) = g] lhs[m]^T grad[m], in float32."""
-  onehot_MG = group_of_rows(group_sizes_G, lhs_MK.shape[0])[:, None] == jnp.arange(
-      group_sizes_G.shape[0])
-  dw_GKN = jnp.einsum("mg,mk,mn->gkn", onehot_MG.astype(jnp.float32), lhs_MK.astype(jnp.float32),
+  onehot_MG = _row_group_onehot(group_sizes_G, lhs_MK.shape[0])
+  dw_GKN = jnp.einsum("mg,mk,mn->gkn", onehot_MG, lhs_MK.astype(jnp.float32),
                       grad_MN.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   return dw_GKN.astype(jnp.result_type(lhs_MK, grad_MN))
 
