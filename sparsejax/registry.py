@@ -50,3 +50,8 @@ class Registry(Generic[T]):
 FFNS: Registry = Registry("ffn")
 ATTENTIONS: Registry = Registry("attention")
 ROUTERS: Registry = Registry("router")
+STRUCTURES: Registry = Registry("mask structure")
+DISTRIBUTIONS: Registry = Registry("sparsity distribution")
+MASK_INITS: Registry = Registry("mask init")
+UPDATERS: Registry = Registry("mask updater")
+SCHEDULES: Registry = Registry("sparsity schedule")
