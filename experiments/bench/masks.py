@@ -1,0 +1,135 @@
+"""Condensed constant-fan-in linear layer vs dense, and sparse vs dense checkpoint bytes.
+
+`python -m experiments.bench masks [--json FILE] [--quick]`
+
+What is measured (fp32, CPU, a 4096 -> 4096 layer at 90 % sparsity, i.e. K = 410 inputs per
+output, a constant fan-in mask as SRigL trains; `--quick`: 512 -> 512):
+
+* `dense_b{B}`: the baseline a user writes, `x @ w` with the dense (masked) kernel `[I, O]`.
+* `condensed_b{B}`: `sparsejax.masks.condensed.condensed_matmul(x, values_OK, idx_OK)` with the
+  default `implementation="auto"`: at B = 1 the gather formulation (x[idx] `[O, K]` times
+  values, summed over K; int16 indices); at B = 256 auto picks "densify" (scatter the values
+  into `[I, O]`, then one matmul), because the gather loses to the dense matmul at large batch.
+  Column `path` says which ran, `speedup_vs_dense_same_batch` = dense time / this time.
+* `checkpoint_dense`, `checkpoint_dense_masked`, `checkpoint_sparse`: Orbax checkpoints of the
+  layer's params: the dense trained layer, the same layout holding the masked kernel (90 %
+  zeros, which Orbax's compression partly exploits), and `export.save_sparse` (kept values +
+  packed bit mask). `median_s` is the save time; `disk_bytes` the bytes on disk;
+  `bytes_vs_dense` and `bytes_vs_dense_masked` the ratios.
+
+Lasby et al. 2023 (SRigL) report 3.4x over dense for online inference (B = 1) on CPU.
+"""
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments.bench import timing
+from sparsejax.masks import condensed, export, structures
+
+DESCRIPTION = "condensed constant-fan-in layer vs dense x@W (B=1, 256) and sparse checkpoint bytes"
+BASELINE = "dense_b1"
+
+FEATURES = 4096
+QUICK_FEATURES = 512
+DENSITY = 0.1
+BATCHES = (1, 256)
+SMALL_BATCH_REPEAT_FACTOR = 20  # sub-millisecond cases: more timed runs for a stable median
+
+
+def make_layer(features: int, density: float, seed: int = 0) -> dict[str, Any]:
+  """A random fan_in-masked kernel, its masked dense form and its condensed form."""
+  rng = np.random.default_rng(seed)
+  w_IO = rng.normal(size=(features, features)).astype(np.float32) / np.sqrt(features)
+  scores_IO = rng.random((features, features))
+  mask_IO = np.asarray(structures.select("fan_in", scores_IO, density))
+  masked_IO = np.where(mask_IO, w_IO, np.float32(0))
+  values_OK, idx_OK = export.to_condensed(masked_IO, mask_IO)
+  return {"w": w_IO, "mask": mask_IO, "masked": masked_IO, "values": values_OK, "idx": idx_OK}
+
+
+def dense_forward(x_BI: jax.Array, w_IO: jax.Array) -> jax.Array:
+  return jnp.dot(x_BI, w_IO)
+
+
+def condensed_forward(x_BI: jax.Array, values_OK: jax.Array, idx_OK: jax.Array) -> jax.Array:
+  return condensed.condensed_matmul(x_BI, values_OK, idx_OK)
+
+
+def _matmul_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+  features = layer["w"].shape[0]
+  w_IO = jnp.asarray(layer["masked"])
+  values_OK, idx_OK = jnp.asarray(layer["values"]), jnp.asarray(layer["idx"])
+  rows = []
+  for batch in BATCHES:
+    x_BI = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, features)), jnp.float32)
+    reps = repeats * (SMALL_BATCH_REPEAT_FACTOR if batch <= condensed.GATHER_MAX_BATCH else 1)
+    path = "gather" if batch <= condensed.GATHER_MAX_BATCH else "densify"
+    dense = timing.case(f"dense_b{batch}", dense_forward, x_BI, w_IO, repeats=reps,
+                        batch=batch, path="dense")
+    sparse = timing.case(f"condensed_b{batch}", condensed_forward, x_BI, values_OK, idx_OK,
+                         repeats=reps, batch=batch, path=path)
+    sparse["speedup_vs_dense_same_batch"] = dense["median_s"] / sparse["median_s"]
+    dense["speedup_vs_dense_same_batch"] = 1.0
+    rows += [dense, sparse]
+  return rows
+
+
+def _timed_save(save, repeats: int) -> tuple[float, int]:
+  """(median save seconds, bytes on disk) of `save(directory)` into fresh directories."""
+  times, size = [], 0
+  with tempfile.TemporaryDirectory() as root:
+    for r in range(max(1, min(repeats, 3))):
+      directory = os.path.join(root, f"run{r}")
+      start = time.perf_counter()
+      save(directory)
+      times.append(time.perf_counter() - start)
+      size = export.directory_bytes(directory)
+  return statistics.median(times), size
+
+
+def _checkpoint_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+  features = layer["w"].shape[0]
+  bias_O = np.zeros(features, np.float32)
+  from sparsejax.masks.mask import Mask  # pylint: disable=g-import-not-at-top
+  masked = {"layer": {"bias": bias_O, "kernel": layer["masked"]}}
+  mask = Mask.from_leaves({"layer": {"bias": np.ones(features, bool), "kernel": layer["mask"]}},
+                          {"layer/kernel": "fan_in"})
+
+  def save_dense(params):
+    def save(directory):
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(directory, params)
+      checkpointer.wait_until_finished()
+    return save
+
+  cases = [
+      ("checkpoint_dense", save_dense({"layer": {"bias": bias_O, "kernel": layer["w"]}})),
+      ("checkpoint_dense_masked", save_dense(masked)),
+      ("checkpoint_sparse", lambda directory: export.save_sparse(directory, masked, mask)),
+  ]
+  rows = []
+  for name, save in cases:
+    median_s, size = _timed_save(save, repeats)
+    rows.append({"case": name, "median_s": median_s, "peak_bytes": None, "disk_bytes": size})
+  by_case = {row["case"]: row["disk_bytes"] for row in rows}
+  for row in rows:
+    row["bytes_vs_dense"] = row["disk_bytes"] / by_case["checkpoint_dense"]
+    row["bytes_vs_dense_masked"] = row["disk_bytes"] / by_case["checkpoint_dense_masked"]
+  return rows
+
+
+def run(repeats: int, quick: bool) -> list[dict[str, Any]]:
+  """Rows for the dense / condensed matmuls at each batch and the three checkpoints."""
+  features = QUICK_FEATURES if quick else FEATURES
+  layer = make_layer(features, DENSITY)
+  rows = _matmul_rows(layer, repeats)
+  for row in rows:
+    row.update(features=features, density=DENSITY)
+  return rows + _checkpoint_rows(layer, repeats)
