@@ -30,12 +30,21 @@ from experiments.configs import base as base_config
 from sparsejax import memory
 from sparsejax import models
 from sparsejax import sharding
+from sparsejax import masks
 from sparsejax.moe import upcycle
 
 # Subtrees whose extra keys are a layer's own arguments, validated by the model builder.
-FREE_FORM_KEYS = ("model.ffn", "model.attention")
+FREE_FORM_KEYS = ("model.ffn", "model.attention", "model.embedding", "classifier",
+                  "sparsity.updater", "sparsity.schedule")
 # RNG streams every model may draw from during training (dropout, router noise, ...).
 RNG_STREAMS = ("dropout", "router", "noise")
+# config.task values: a byte-level LM on text, or a classifier on a classification dataset.
+TASKS = ("lm", "classify")
+CLASSIFY_DATASETS = (data_lib.digits.NAME,)
+# Initial-mask scores the trainer can compute from params alone (saliency/fisher need gradients).
+SPARSITY_INITS = ("random", "magnitude")
+# The random initial mask draws from fold_in(PRNGKey(config.seed), MASK_RNG_STREAM).
+MASK_RNG_STREAM = 1
 
 
 # Per-expert load fractions in a layer's aux metrics; plotted per eval as [layers, experts].
@@ -66,6 +75,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         k for k in allowed if "." not in k
     )
     raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(siblings)}")
+  if config.task not in TASKS:
+    raise ConfigError(f"config.task={config.task!r}; allowed: {', '.join(TASKS)}")
+  if config.task == "classify" and config.data.name not in CLASSIFY_DATASETS:
+    raise ConfigError(f"config.data.name={config.data.name!r} is not a classification dataset; "
+                      f"allowed with task='classify': {', '.join(CLASSIFY_DATASETS)}")
   train = config.train
   for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
     if train[name] < 1:
@@ -121,11 +135,12 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
     mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.model, devices=devices)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
-  batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  # The batch is split over data x fsdp x expert (sparsejax.sharding's "batch" rule).
+  batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
   if config.train.batch_size % batch_parallel:
     raise ConfigError(
         f"config.train.batch_size={config.train.batch_size} is not divisible by the data-parallel "
-        f"size mesh.data*mesh.fsdp={batch_parallel}"
+        f"size mesh.data*mesh.fsdp*mesh.expert={batch_parallel}"
     )
   return mesh
 
@@ -170,8 +185,13 @@ def _stream_rngs(rng, step):
   return {name: jax.random.fold_in(step_rng, i) for i, name in enumerate(RNG_STREAMS)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule) -> Callable:
-  """(state, batch) -> (state, metrics); metrics include `finite`, False if anything went NaN/inf."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule,
+                    forward_params: Callable | None = None) -> Callable:
+  """(state, batch) -> (state, metrics); metrics include `finite`, False if anything went NaN/inf.
+
+  With `forward_params(params, opt_state) -> w` (sparse training: the masked weights), the loss
+  and its gradient are taken at w, and the optimizer gets that gradient and the params.
+  """
 
   def loss_fn(params, model_state, batch, rngs):
     (logits, aux), model_state = model.apply(
@@ -185,8 +205,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   def train_step(state, batch):
     rngs = _stream_rngs(state["rng"], state["step"])
+    weights = (state["params"] if forward_params is None
+               else forward_params(state["params"], state["opt_state"]))
     (total, (ce, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["model_state"], batch, rngs
+        weights, state["model_state"], batch, rngs
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     update_norm = optax.tree.norm(updates)
@@ -213,14 +235,105 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """(params, model_state, batch) -> (sum of NLL in nats, number of scored tokens)."""
+  """(params, model_state, batch) -> (sum of NLL in nats, number of scored tokens, memory slot
+  histograms {layer: (reads, weight mass)}, empty without memory layers; they add over batches)."""
 
   def eval_step(params, model_state, batch):
-    logits, _ = model.apply({"params": params, **model_state}, batch["inputs"],
-                            deterministic=True)
-    return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+    (logits, _), access = model.apply({"params": params, **model_state}, batch["inputs"],
+                                      deterministic=True, mutable=[memory.ACCESS])
+    histograms = memory.read_histograms(params, access.get(memory.ACCESS, {}))
+    return (*weighted_cross_entropy(logits, batch["targets"], batch["weights"]), histograms)
 
   return eval_step
+
+
+def make_classify_eval_step(model: nn.Module) -> Callable:
+  """(params, model_state, batch) -> (sum of NLL in nats, number of examples, number correct)."""
+
+  def eval_step(params, model_state, batch):
+    logits_BC, _ = model.apply({"params": params, **model_state}, batch["inputs"],
+                               deterministic=True)
+    nll, count = weighted_cross_entropy(logits_BC, batch["targets"], batch["weights"])
+    correct_B = jnp.argmax(logits_BC, axis=-1) == batch["targets"]
+    return nll, count, jnp.sum(correct_B * batch["weights"])
+
+  return eval_step
+
+
+def _load_classification(config: ml_collections.ConfigDict):
+  """(train split, eval split, model) of a `task="classify"` config."""
+  splits = [data_lib.digits.load_digits(s) for s in (config.data.train_split,
+                                                        config.data.eval_split)]
+  model = models.build_classifier(config.classifier, data_lib.digits.NUM_CLASSES)
+  return splits[0], splits[1], model
+
+
+def _named_entry(section: str, entry: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  """("name", other fields) of a free-form `{"name": ..., **kwargs}` config entry."""
+  kwargs = entry.to_dict()
+  if "name" not in kwargs:
+    raise ValueError(f"config.{section} needs a 'name' field, got keys {sorted(kwargs)}")
+  name = kwargs.pop("name")
+  return name, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collections.ConfigDict,
+                          params: Any, seed: int):
+  """(`tx` under `sparsejax.masks.wrap`, the initial `Mask`) as `config.sparsity` describes.
+
+  The initial mask keeps a `sparsity.density` fraction of the sparsified leaves of `params`,
+  spread over the leaves by `sparsity.distribution`, scored by `sparsity.init` (random draws
+  from fold_in(PRNGKey(seed), MASK_RNG_STREAM)); the updater and schedule come from the
+  registries by name.
+  """
+  if sparsity.init not in SPARSITY_INITS:
+    raise ValueError(f"config.sparsity.init={sparsity.init!r}; allowed in the trainer: "
+                     f"{', '.join(SPARSITY_INITS)}")
+  rules = tuple((pattern, spec.to_dict() if hasattr(spec, "to_dict") else spec)
+                for pattern, spec in sparsity.rules)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), MASK_RNG_STREAM)
+  try:
+    mask = masks.make_mask(params, sparsity.density, sparsity.distribution, rules,
+                           init=sparsity.init, key=key, power=sparsity.erk_power)
+  except ValueError as e:
+    raise ValueError(f"config.sparsity (density={sparsity.density}): {e}") from None
+  updater_name, updater_kwargs = _named_entry("sparsity.updater", sparsity.updater)
+  schedule_name, schedule_kwargs = _named_entry("sparsity.schedule", sparsity.schedule)
+  try:
+    updater = masks.make_updater(updater_name, **updater_kwargs)
+    schedule = (None if schedule_name == "none"
+                else masks.make_schedule(schedule_name, **schedule_kwargs))
+    return masks.wrap(tx, updater, schedule, mask, seed=seed), mask
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.sparsity.updater={updater_name!r} / schedule={schedule_name!r}: "
+                     f"{e}") from None
+
+
+def density_metrics(mask) -> dict[str, jax.Array]:
+  """Kept fraction of every sparsified leaf ("density/<path>") and over all of them together
+  ("density/global"), as jnp scalars (jit-safe)."""
+  flat = mask.flat()
+  sparse = mask.sparse_paths()
+  metrics = {f"density/{path}": jnp.mean(flat[path], dtype=jnp.float32) for path in sparse}
+  kept = sum((jnp.sum(flat[p], dtype=jnp.int32) for p in sparse), jnp.zeros((), jnp.int32))
+  size = sum(flat[p].size for p in sparse)
+  metrics["density/global"] = kept.astype(jnp.float32) / max(size, 1)
+  return metrics
+
+
+def with_density_metrics(train_step: Callable) -> Callable:
+  """`train_step` whose metrics also hold the new mask's `density_metrics`."""
+
+  def step(state, batch):
+    state, metrics = train_step(state, batch)
+    return state, {**metrics, **density_metrics(masks.get_mask(state["opt_state"]))}
+
+  return step
+
+
+def masked_params(params: Any, opt_state: Any) -> Any:
+  """The weights the model runs with under sparse training: params * mask (mask from `wrap`)."""
+  return masks.get_mask(opt_state).apply(params)
 
 
 class _StopSignal:
@@ -292,46 +405,65 @@ class Trainer:
     self.workdir = workdir
     self.mesh = make_mesh(config, devices)
     train = config.train
+    self.classify = config.task == "classify"
     try:
-      self.train_data = data_lib.load_windows(
-          config.data.name, config.data.train_split, train.seq_len,
-          data_dir=config.data.data_dir, text_key=config.data.text_key,
-      )
-      self.eval_data = data_lib.load_windows(
-          config.data.name, config.data.eval_split, train.seq_len,
-          data_dir=config.data.data_dir, text_key=config.data.text_key,
-      )
-      self.model = models.build_lm(with_data_statistics(config.model, self.train_data),
-                                   vocab_size=data_lib.VOCAB_SIZE)
+      if self.classify:
+        self.train_data, self.eval_data, self.model = _load_classification(config)
+      else:
+        self.train_data = data_lib.load_windows(
+            config.data.name, config.data.train_split, train.seq_len,
+            data_dir=config.data.data_dir, text_key=config.data.text_key,
+        )
+        self.eval_data = data_lib.load_windows(
+            config.data.name, config.data.eval_split, train.seq_len,
+            data_dir=config.data.data_dir, text_key=config.data.text_key,
+        )
+        self.model = models.build_lm(with_data_statistics(config.model, self.train_data),
+                                     vocab_size=data_lib.VOCAB_SIZE)
       self.tx, self.schedule = make_optimizer(train)
+      self.initial_mask = None  # sparse training: the mask `init_state` starts from
+      if config.sparsity.enabled:
+        self.tx, self.initial_mask = make_sparse_optimizer(
+            self.tx, config.sparsity, self._initial_params(), config.seed)
       self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._init_abstract_state()  # traces the model: layers check their settings here
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
-    self.eval_batches = data_lib.eval_batches(self.eval_data, train.batch_size, train.eval_batches)
+    if self.classify:  # every eval example once; batches [B, features]
+      self.sampler = data_lib.IndexSampler(self.train_data.num_examples, config.seed)
+      self.eval_batches = data_lib.digits.eval_batches(self.eval_data, train.batch_size)
+    else:
+      self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
+      self.eval_batches = data_lib.eval_batches(self.eval_data, train.batch_size,
+                                                train.eval_batches)
     self.batch_sharding = sharding.logical_to_mesh_sharding(
-        jax.sharding.PartitionSpec("batch", "length"), self.mesh
+        jax.sharding.PartitionSpec(*(("batch",) if self.classify else ("batch", "length"))),
+        self.mesh,
     )
     self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
     if config.init.from_workdir is not None and self.checkpoints.latest_step() is None:
       self._open_init_source()  # fail now, not after compiling, if there is nothing to load
     self.metrics = metrics_lib.MetricsWriter(workdir)
     with jax.set_mesh(self.mesh), sharding.with_rules():
+      sparse = self.initial_mask is not None
+      train_step = make_train_step(self.model, self.tx, self.schedule,
+                                   masked_params if sparse else None)
       self.train_step = jax.jit(
-          make_train_step(self.model, self.tx, self.schedule),
+          with_density_metrics(train_step) if sparse else train_step,
           in_shardings=(self.state_shardings, self.batch_sharding),
           out_shardings=(self.state_shardings, self.replicated),
           donate_argnums=0,
       )
       self.eval_step = jax.jit(
-          make_eval_step(self.model),
+          (make_classify_eval_step if self.classify else make_eval_step)(self.model),
           in_shardings=(self.state_shardings["params"], self.state_shardings["model_state"],
                         self.batch_sharding),
       )
 
   def _init_variables_boxed(self, rng):
     """All variable collections: "params" plus any state a layer keeps (e.g. router biases)."""
+    if self.classify:
+      return self.model.init({"params": rng}, jnp.zeros((1, self.train_data.inputs.shape[1])))
     tokens = jnp.zeros((1, self.config.train.seq_len), jnp.int32)
     return self.model.init({"params": rng}, tokens)
 
@@ -367,6 +499,8 @@ class Trainer:
     def init(init_rng, train_rng):
       variables = nn.meta.unbox(self._init_variables_boxed(init_rng))
       params = variables.pop("params")
+      if self.initial_mask is not None:
+        params = self.initial_mask.apply(params)
       return {
           "step": jnp.zeros((), jnp.int32),
           "params": params,
@@ -380,6 +514,12 @@ class Trainer:
     if self.config.init.from_workdir is not None:
       state = self._warm_start(state)
     return state
+
+  def _initial_params(self) -> Any:
+    """The params `init_state` draws (same seed), as host arrays (op by op: nothing to compile)."""
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    variables = self._init_variables_boxed(init_rng)
+    return jax.device_get(nn.meta.unbox(variables)["params"])
 
   def _open_init_source(self) -> tuple[ckpt_lib.Checkpoints, int]:
     """The checkpoints of `config.init.from_workdir` and their latest step."""
@@ -406,6 +546,8 @@ class Trainer:
     print(f"initialised from {source.directory} step {step}"
           f"{' (upcycled)' if self.config.init.upcycle else ''}", flush=True)
     with jax.set_mesh(self.mesh), sharding.with_rules():
+      if self.initial_mask is not None:  # the mask drawn at init_state, on the loaded params
+        params = jax.device_get(self.initial_mask.apply(params))
       params = jax.device_put(params, self.state_shardings["params"])
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
     return {**state, "params": params, "opt_state": opt_state}
@@ -421,17 +563,46 @@ class Trainer:
     return state, int(meta["data_position"])
 
   def evaluate(self, state) -> dict[str, float]:
-    """Mean eval loss (nats per token) and bits per byte over the fixed eval batches."""
-    nll, count = 0.0, 0.0
+    """Mean eval loss (nats per token) and bits per byte over the fixed eval batches; for memory
+    layers, slot usage, access entropy, top slot share and top slots over the whole window."""
+    if self.initial_mask is not None:  # sparse training: evaluate the masked weights
+      state = {**state, "params": masked_params(state["params"], state["opt_state"])}
+    if self.classify:
+      return self._evaluate_classifier(state)
+    nll, count, histograms = 0.0, 0.0, {}
     for batch in self.eval_batches:
-      batch_nll, batch_count = self.eval_step(state["params"], state["model_state"],
-                                              self._put(batch))
+      batch_nll, batch_count, batch_hists = self.eval_step(state["params"], state["model_state"],
+                                                           self._put(batch))
       nll, count = nll + float(batch_nll), count + float(batch_count)
+      # Memory layers' slot histograms add up over the eval window (see make_eval_step).
+      histograms = jax.tree.map(jnp.add, histograms, batch_hists) if histograms else batch_hists
     loss = nll / max(count, 1.0)
-    return {"eval/loss": loss, "eval/bpb": loss / math.log(2)}
+    window = jax.device_get(memory.window_metrics(histograms, prefix="eval/"))
+    return {"eval/loss": loss, "eval/bpb": loss / math.log(2), **window}
+
+  def _evaluate_classifier(self, state) -> dict[str, float]:
+    """Mean eval loss (nats per example) and accuracy over every example of the eval split."""
+    nll, count, correct = 0.0, 0.0, 0.0
+    for batch in self.eval_batches:
+      sums = self.eval_step(state["params"], state["model_state"], self._put(batch))
+      nll, count, correct = (a + float(b) for a, b in zip((nll, count, correct), sums))
+    return {"eval/loss": nll / max(count, 1.0), "eval/accuracy": correct / max(count, 1.0)}
+
+  def _train_batch(self, position: int) -> dict[str, np.ndarray]:
+    task_data = data_lib.digits if self.classify else data_lib
+    return task_data.train_batch(self.train_data, self.sampler, position,
+                                 self.config.train.batch_size)
 
   def _put(self, batch: dict[str, np.ndarray]):
-    return jax.device_put(batch, self.batch_sharding)
+    """The global batch as arrays sharded over the batch axes.
+
+    Every process builds the same global batch (the sampler is seeded) and hands each of its
+    devices that device's rows (`jax.make_array_from_process_local_data` with the global shape;
+    one process: `device_put`). Correct on any number of hosts; each host reads the whole batch,
+    which is cheap for token windows.
+    """
+    return {name: jax.make_array_from_process_local_data(self.batch_sharding, value, value.shape)
+            for name, value in batch.items()}
 
   def save(self, state, step: int, position: int) -> None:
     meta = {"step": step, "data_position": position, "config": self.config.to_json()}
@@ -445,12 +616,12 @@ class Trainer:
     last_saved = step if step else None
     window: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"step": step}
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.batch_size * (1 if self.classify else cfg.seq_len)  # or examples
     clock, clock_step = time.perf_counter(), step
     first_step_of_run = True
     with _StopSignal() as stop:
       while step < cfg.num_steps:
-        batch = data_lib.train_batch(self.train_data, self.sampler, position, cfg.batch_size)
+        batch = self._train_batch(position)
         state, metrics = self.train_step(state, self._put(batch))
         position += cfg.batch_size
         step += 1

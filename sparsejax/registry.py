@@ -47,8 +47,10 @@ class Registry(Generic[T]):
     return iter(sorted(self._entries))
 
 
+MODELS: Registry = Registry("model")  # whole models named by configs, e.g. "mlp"
 FFNS: Registry = Registry("ffn")
 ATTENTIONS: Registry = Registry("attention")
+EMBEDDINGS: Registry = Registry("embedding")  # LM input embeddings other than the plain table
 ROUTERS: Registry = Registry("router")
 STRUCTURES: Registry = Registry("mask structure")
 DISTRIBUTIONS: Registry = Registry("sparsity distribution")

@@ -33,8 +33,11 @@ MESH_AXES = ("data", "fsdp", "expert", "model")
 # dimension of the same array. A logical name may therefore appear several times, and the first
 # rule whose mesh axes are still free wins. A logical name with no usable rule is replicated.
 #
-#   batch            -> data x fsdp  (data parallelism; FSDP shards the batch too)
 #   expert           -> expert       (expert parallelism: experts and their slots / tokens)
+#   batch            -> data x fsdp x expert, else data x fsdp: tokens are split over the
+#                       expert axis too (each device of an expert group holds other tokens, as
+#                       in GShard); an array that also has an `expert` dimension, which takes
+#                       that axis first, keeps the batch on data x fsdp
 #   vocab, heads,    -> model        (tensor parallelism: the wide dimension of each matmul;
 #   mlp, memory,                      `latent` is the SAE / transcoder dictionary dimension)
 #   latent
@@ -43,11 +46,13 @@ MESH_AXES = ("data", "fsdp", "expert", "model")
 #   length, kv, slot -> replicated
 #
 # Worked cases: param ("vocab", "embed") -> P("model", "fsdp"); activation
-# ("batch", "length", "embed") -> P(("data", "fsdp"), None, None); expert weights
-# ("expert", "embed", "mlp") -> P("expert", "fsdp", "model").
+# ("batch", "length", "embed") -> P(("data", "fsdp", "expert"), None, None); expert weights
+# ("expert", "embed", "mlp") -> P("expert", "fsdp", "model"); ("batch", "length", "expert")
+# -> P(("data", "fsdp"), None, "expert").
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
     ("expert", "expert"),
+    ("batch", ("data", "fsdp", "expert")),
+    ("batch", ("data", "fsdp")),
     ("vocab", "model"),
     ("heads", "model"),
     ("mlp", "model"),

@@ -6,7 +6,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Many tests build the same small trainer programs; a compilation cache shared by the xdist
+# workers compiles each once. Cache keys cover the program, the JAX version and the flags.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), f"sparsejax-test-xla-cache-{os.getuid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

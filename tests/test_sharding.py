@@ -18,8 +18,8 @@ LOGICAL_NAMES = (
     [
         (("vocab", "embed"), P("model", "fsdp")),
         (("embed", "vocab"), P("fsdp", "model")),
-        (("batch", "length", "embed"), P(("data", "fsdp"), None, None)),
-        (("batch", "length", "vocab"), P(("data", "fsdp"), None, "model")),
+        (("batch", "length", "embed"), P(("data", "fsdp", "expert"), None, None)),
+        (("batch", "length", "vocab"), P(("data", "fsdp", "expert"), None, "model")),
         (("embed", "heads", "kv"), P("fsdp", "model", None)),
         (("mlp", "embed"), P("model", "fsdp")),
         (("expert", "embed", "mlp"), P("expert", "fsdp", "model")),
@@ -52,7 +52,7 @@ def test_logical_to_mesh_sharding_maps_a_tree():
 
 def test_with_rules_activates_the_table_and_restores():
   with with_rules():
-    assert nn.logical_to_mesh_axes(("batch", "embed")) == P(("data", "fsdp"), None)
+    assert nn.logical_to_mesh_axes(("batch", "embed")) == P(("data", "fsdp", "expert"), None)
   with with_rules((("embed", "model"),)):
     assert nn.logical_to_mesh_axes(("embed",)) == P("model")
   assert not nn.get_logical_axis_rules()

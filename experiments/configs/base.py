@@ -2,7 +2,8 @@
 
 Other configs start from `get_config()` here and override fields; the trainer rejects keys
 that are not in this schema (except inside `model.ffn` and `model.attention`, whose extra
-keys are the chosen layer's own arguments and are checked by the model builder).
+keys are the chosen layer's own arguments and are checked by the model builder, and likewise
+inside `classifier`, `sparsity.updater` and `sparsity.schedule`).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -11,6 +12,9 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "lm": byte-level language model (config.model) on a TFDS text dataset; "classify": the
+  # classifier config.classifier on a classification dataset (data.name="digits").
+  c.task = "lm"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "python_stdlib"  # the embedded corpus; or any TFDS text dataset, e.g. "lm1b"
@@ -32,6 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn_layers = config_dict.placeholder(tuple)  # layers using model.ffn; None = all
   c.model.attention = ml_collections.ConfigDict({"name": "dense"})
   c.model.shared_router = False  # Omni-Router: one router weight for every MoE layer
+  c.model.shared_memory_values = False  # one memory value table read by every "pkm" layer
+  # Input embedding: {"name": "table"}, or e.g. {"name": "hashed", "num_rows": 4096, "max_n": 3,
+  # "num_hashes": 2} (hashed byte n-grams; needs tie_embeddings=False).
+  c.model.embedding = ml_collections.ConfigDict({"name": "table"})
+
+  # task="classify": a registered model (sparsejax.registry.MODELS) and its own arguments.
+  c.classifier = ml_collections.ConfigDict({"name": "mlp"})
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 400
@@ -55,6 +66,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.from_workdir = config_dict.placeholder(str)  # a workdir holding checkpoints
   c.init.upcycle = False  # dense FFN params -> MoE experts (sparse upcycling)
+
+  # Weight sparsity (sparsejax.masks): a mask per param, kept in the optimizer state, evolved by
+  # an updater on a schedule. Dense leaves (biases, norms, rule "dense") are never masked.
+  c.sparsity = ml_collections.ConfigDict()
+  c.sparsity.enabled = False
+  c.sparsity.density = 0.1  # initial kept fraction over the sparsified leaves, in (0, 1]
+  c.sparsity.distribution = "erk"  # over the leaves: "uniform" | "erk" | "global"
+  c.sparsity.erk_power = 1.0
+  # ((regex on the param path, structure), ...), first match wins; a structure is "dense",
+  # "unstructured", "fan_in", "nm:n=2,m=4", "block:block=4x4", ...; unmatched: >=2-D
+  # kernels "unstructured", 1-D leaves dense.
+  c.sparsity.rules = ()
+  c.sparsity.init = "random"  # initial mask scores: "random" | "magnitude"
+  # A registered updater (sparsejax.registry.UPDATERS) and its arguments, e.g.
+  # {"name": "rigl", "exploration": 0.0}; and the schedule (SCHEDULES) driving it, e.g.
+  # {"name": "cosine", "drop_fraction": 0.3, "end": 1500, "update_every": 50}; "none" = the
+  # mask never changes.
+  c.sparsity.updater = ml_collections.ConfigDict({"name": "static"})
+  c.sparsity.schedule = ml_collections.ConfigDict({"name": "none"})
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100

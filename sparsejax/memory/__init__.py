@@ -1,24 +1,60 @@
-"""Memory layers: product-key memory (pure lookup and read functions, the "pkm" FFN layer).
+"""Memory layers: product-key memory, sparse memory finetuning, hashed multi-hot embeddings.
 
-Importing this package registers the "pkm" layer in `FFNS`.
+Importing this package registers the "pkm" FFN in `FFNS` and the "hashed" input embedding in
+`EMBEDDINGS`.
 """
+from sparsejax.memory import finetune
+from sparsejax.memory import hashed_embedding
 from sparsejax.memory import layers
 from sparsejax.memory import optim
 from sparsejax.memory import pkm
-from sparsejax.memory.layers import ProductKeyMemory
+from sparsejax.memory.finetune import (
+    access_counts,
+    masks_for,
+    read_histograms,
+    sparse_update,
+    tfidf_scores,
+    top_slots,
+    window_metrics,
+)
+from sparsejax.memory.hashed_embedding import HashedEmbedding, hashed_embed, ngram_rows
+from sparsejax.memory.layers import ACCESS, ProductKeyMemory
 from sparsejax.memory.optim import make_memory_optimizer, value_lr_labels
-from sparsejax.memory.pkm import access_stats, embedding_bag, num_subkeys, pkm_lookup, pkm_read
+from sparsejax.memory.pkm import (
+    access_stats,
+    embedding_bag,
+    histogram_stats,
+    num_subkeys,
+    pkm_lookup,
+    pkm_read,
+    slot_histograms,
+)
 
 __all__ = [
+    "ACCESS",
+    "HashedEmbedding",
     "ProductKeyMemory",
+    "access_counts",
     "access_stats",
     "embedding_bag",
+    "finetune",
+    "hashed_embed",
+    "hashed_embedding",
+    "histogram_stats",
     "layers",
     "make_memory_optimizer",
+    "masks_for",
+    "ngram_rows",
     "num_subkeys",
     "optim",
     "pkm",
     "pkm_lookup",
     "pkm_read",
+    "read_histograms",
+    "slot_histograms",
+    "sparse_update",
+    "tfidf_scores",
+    "top_slots",
     "value_lr_labels",
+    "window_metrics",
 ]

@@ -1,5 +1,5 @@
 """The product-key memory FFN as a thin Flax Linen module over `sparsejax.memory.pkm`."""
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,14 @@ QUERY_NORMS = ("layernorm", "rmsnorm", "none")
 # Param names; `sparsejax.memory.optim` finds value tables by them.
 VALUES = "values"
 SUBKEYS = "subkeys"
+# The model-level param holding one value table shared by every memory layer
+# (`TransformerLM(shared_memory_values=True)`).
+SHARED_VALUES = "shared_memory_values"
+# Variable collection the layer sows its reads into when the caller makes it mutable: "idx" and
+# "weights", each a tuple of (T, H, K) arrays (see `sparsejax.memory.finetune.access_counts`).
+ACCESS = "memory_access"
+# The mesh axis that the "memory" logical axis (value-table rows) maps to in `sparsejax.sharding`.
+MEMORY_MESH_AXIS = "model"
 
 
 @FFNS.register("pkm")
@@ -30,9 +38,17 @@ class ProductKeyMemory(nn.Module):
   contract and unused. No dropout: `deterministic` is accepted for the layer contract.
 
   Metrics (float32 scalars, see `pkm.access_stats`): memory_usage (fraction of slots read by the
-  batch), access_entropy (of the weight mass over slots, / log N), top_slot_share.
+  batch), access_entropy (of the weight mass over slots, / log N), top_slot_share. When the
+  caller makes the `ACCESS` ("memory_access") collection mutable, the layer also sows its slot
+  indices and weights there ("idx", "weights": (T, H, K)), for eval-window telemetry and for
+  sparse memory finetuning; otherwise nothing is stored.
+
+  Shared values: called with `values_ND` (an N x D table owned by the model, created by
+  `values_param`), the layer reads that table and creates no `values` param of its own, so
+  several layers (each with its own query projection and sub-keys) share one memory pool and
+  the table's gradient is the sum of their contributions.
   Lample et al. 2019, "Large Memory Layers with Product Keys"; Berges et al. 2024, "Memory
-  Layers at Scale" (memory+ gating, query normalisation).
+  Layers at Scale" (memory+ gating, query normalisation, a memory pool shared across layers).
 
   Attributes:
     d_model: D, also the value dim. d_ff: unused (FFN contract).
@@ -56,6 +72,9 @@ class ProductKeyMemory(nn.Module):
   gated: bool = False
   dtype: Any = jnp.float32
 
+  # `TransformerLM(shared_memory_values=True)` may pass one model-level table to every layer.
+  shares_values: ClassVar[bool] = True
+
   def __post_init__(self):
     self._validate()
     super().__post_init__()
@@ -66,7 +85,9 @@ class ProductKeyMemory(nn.Module):
     return self.num_keys**2
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+  def __call__(
+      self, x_BTD: jax.Array, *, values_ND: jax.Array | None = None, deterministic: bool = True
+  ) -> tuple[jax.Array, Aux]:
     del deterministic  # No dropout.
     batch, length, d_model = x_BTD.shape
     x_TD = x_BTD.reshape(batch * length, d_model).astype(self.dtype)
@@ -79,22 +100,43 @@ class ProductKeyMemory(nn.Module):
         (self.num_heads, 2, self.num_keys, self.d_key // 2),
         jnp.float32,
     )
-    values_ND = self.param(
-        VALUES,
-        nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=self.d_model**-0.5), ("memory", "embed")
-        ),
-        (self.memory_size, self.d_model),
-        jnp.float32,
-    )
+    if values_ND is None:
+      values_ND = self.values_param(self, VALUES)
+    elif values_ND.shape != (self.memory_size, self.d_model):
+      raise ValueError(
+          f"values_ND must have shape (num_keys^2, d_model) = {(self.memory_size, self.d_model)},"
+          f" got {values_ND.shape}"
+      )
     # The table stays float32 (casting all N rows would cost O(N D)); only the read is cast.
     y_TD, idx_THK, weights_THK = pkm.pkm_read(query_THQ, keys_H2PA, values_ND, self.k)
     y_TD = y_TD.astype(self.dtype)
     if self.gated:
       gate_TD = nn.silu(x_TD @ self._weight("w1", ("embed", "mlp")))
       y_TD = (y_TD * gate_TD) @ self._weight("w2", ("mlp", "embed"))
+    if not self.is_initializing():  # `init` makes every collection mutable; keep it out of state.
+      self.sow(ACCESS, "idx", idx_THK)  # No-ops unless the caller made ACCESS mutable.
+      self.sow(ACCESS, "weights", weights_THK)
     metrics = pkm.access_stats(idx_THK, weights_THK, self.memory_size)
     return y_TD.reshape(batch, length, d_model), {"losses": {}, "metrics": metrics}
+
+  def values_param(self, owner: nn.Module, name: str) -> jax.Array:
+    """The N x D float32 value table as param `name` of `owner` (this layer, or a model)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else dict(mesh.shape).get(MEMORY_MESH_AXIS, 1)
+    if self.memory_size % shards:
+      raise ValueError(
+          f"memory_size={self.memory_size} (num_keys={self.num_keys} squared) is not divisible by "
+          f"the mesh's {MEMORY_MESH_AXIS!r} axis (size {shards}), which shards the value table's "
+          f"rows; use a num_keys whose square is a multiple of {shards}"
+      )
+    return owner.param(
+        name,
+        nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=self.d_model**-0.5), ("memory", "embed")
+        ),
+        (self.memory_size, self.d_model),
+        jnp.float32,
+    )
 
   def _validate(self) -> None:
     """One-line ValueErrors for inconsistent fields, raised when the module is built."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sparsejax.memory.layers import SUBKEYS, VALUES
+from sparsejax.memory.layers import SHARED_VALUES, SUBKEYS, VALUES
 
 VALUE_LABEL = "memory_values"
 DEFAULT_LABEL = "default"
@@ -33,8 +33,11 @@ def _entry_name(entry: Any) -> Any:
 
 
 def _is_value_table(params: Any, path: tuple[Any, ...]) -> bool:
-  """Whether the leaf at `path` is a `values` param beside `subkeys` (a ProductKeyMemory's)."""
+  """Whether the leaf at `path` is a `values` param beside `subkeys` (a ProductKeyMemory's), or
+  a model's `shared_memory_values` table."""
   names = [_entry_name(entry) for entry in path]
+  if names and names[-1] == SHARED_VALUES:
+    return True
   if not names or names[-1] != VALUES:
     return False
   parent = params
@@ -47,7 +50,8 @@ def value_lr_labels(params: Any) -> Any:
   """A tree like `params` labelling each leaf "memory_values" or "default".
 
   A leaf is "memory_values" when it is named `values` in a module that also holds `subkeys`,
-  i.e. the value table of a `ProductKeyMemory`. Raises ValueError when `params` has none, so a
+  i.e. the value table of a `ProductKeyMemory`, or `shared_memory_values` (a table shared by
+  several layers, see `TransformerLM`). Raises ValueError when `params` has none, so a
   value learning rate is never silently ignored.
   """
   labels = jax.tree_util.tree_map_with_path(

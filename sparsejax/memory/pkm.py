@@ -160,26 +160,49 @@ def pkm_read(
   return out_BD, idx_BHK, weights_BHK
 
 
-def access_stats(
+def slot_histograms(
     idx_BHK: jax.Array, weights_BHK: jax.Array, memory_size: int
-) -> dict[str, jax.Array]:
-  """Telemetry of which slots a batch read: usage, normalised access entropy, top slot share.
+) -> tuple[jax.Array, jax.Array]:
+  """(c_N, m_N): how many reads each slot got, and the softmax weight mass it got (float32).
 
-  With c_n = number of (query, head, k) reads of slot n and p_n = sum of the softmax weights on
-  slot n, normalised to sum to 1 over slots:
-    usage          = |{n : c_n > 0}| / N            (Lample et al.'s "memory usage")
-    access_entropy = -sum_n p_n log p_n / log N      (1 = every slot read equally)
-    top_slot_share = max_n p_n
-  Float32 scalars, without gradient; O(N) memory for the two histograms.
+  c_n = |{(b, h, k) : idx_bhk = n}|, m_n = sum of weights_bhk over those reads; no gradient.
+  Histograms of several batches add up, so a whole eval window is the sum of its batches'.
   """
   idx = jax.lax.stop_gradient(idx_BHK).reshape(-1)
   weights = jax.lax.stop_gradient(weights_BHK).astype(jnp.float32).reshape(-1)
   counts_N = jnp.zeros((memory_size,), jnp.float32).at[idx].add(1.0)
   mass_N = jnp.zeros((memory_size,), jnp.float32).at[idx].add(weights)
+  return counts_N, mass_N
+
+
+def histogram_stats(counts_N: jax.Array, mass_N: jax.Array, top: int = 0) -> dict[str, jax.Array]:
+  """usage, normalised access entropy, top slot share (and, with `top` > 0, the top slots).
+
+  With p_n = m_n / sum_m m_m:
+    usage          = |{n : c_n > 0}| / N            (Lample et al.'s "memory usage")
+    access_entropy = -sum_n p_n log p_n / log N      (1 = every slot read equally)
+    top_slot_share = max_n p_n
+    top_slots      = the `top` slots of largest p_n, descending (int32), only when top > 0.
+  """
+  memory_size = counts_N.shape[-1]
   p_N = mass_N / jnp.maximum(jnp.sum(mass_N), 1e-30)
   entropy = jnp.sum(jax.scipy.special.entr(p_N))
-  return {
+  stats = {
       "memory_usage": jnp.mean(counts_N > 0).astype(jnp.float32),
       "access_entropy": entropy / math.log(memory_size) if memory_size > 1 else entropy,
       "top_slot_share": jnp.max(p_N),
   }
+  if top > 0:
+    stats["top_slots"] = jax.lax.top_k(p_N, min(top, memory_size))[1].astype(jnp.int32)
+  return stats
+
+
+def access_stats(
+    idx_BHK: jax.Array, weights_BHK: jax.Array, memory_size: int
+) -> dict[str, jax.Array]:
+  """Telemetry of which slots a batch read: `histogram_stats` of the batch's `slot_histograms`.
+
+  Keys memory_usage, access_entropy, top_slot_share: float32 scalars, without gradient; O(N)
+  memory for the two histograms.
+  """
+  return histogram_stats(*slot_histograms(idx_BHK, weights_BHK, memory_size))

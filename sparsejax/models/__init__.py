@@ -23,6 +23,19 @@ in by registering itself, without edits to the model):
     router weight as param `name` of the module `owner` (the model calls it on an instance built
     with `parent=None` to create `params["shared_router"]`), and its call accepts
     `router_DE=w_DE`, used instead of its own router param (which it then does not create).
+  - `shares_values: ClassVar[bool] = True` (e.g. "pkm") lets
+    `TransformerLM(shared_memory_values=True)` use the FFN: the class defines
+    `values_param(self, owner, name) -> v_ND`, which the model calls to create
+    `params["shared_memory_values"]`, and its call accepts `values_ND=v_ND`, read instead of its
+    own value table (which it then does not create).
+* Input embedding (optional): `model.embedding={"name": ...}` other than "table" is a Linen
+  Module registered with `@EMBEDDINGS.register("name")`, built as
+  `EMBEDDINGS.get(name)(vocab_size=..., d_model=..., dtype=..., name="embed", **kwargs)` and
+  called as `embed(tokens_BT) -> x_BTD`; it must be causal (position t sees tokens <= t) and
+  the model then needs `tie_embeddings=False`.
+  - `takes_feature_maps: ClassVar[bool] = True` (e.g. "conv_moe"): the layer takes a
+    `(B, H, W, C)` feature map instead of `(B, T, D)` tokens; `SmallCNN` passes its maps as
+    is (other FFNs get the H W positions as tokens). Such layers do not fit `TransformerLM`.
 * Attention: registered with `@ATTENTIONS.register("name")`, built as
 
       ATTENTIONS.get(name)(d_model=d_model, num_heads=num_heads, positions=positions,
@@ -41,12 +54,14 @@ in by registering itself, without edits to the model):
   `sparsejax.models.layers.logical_param`) from the names in `sparsejax.sharding`, e.g.
   expert weights ("expert", "embed", "mlp").
 """
+from sparsejax.models.cnn import SmallCNN
 from sparsejax.models.layers import (
     CausalSelfAttention,
     DenseFFN,
     apply_rope,
     logical_param,
 )
+from sparsejax.models.mlp import MLP, build_classifier, lenet_300_100
 from sparsejax.models.transformer import (
     ATTENTION_CONTRACT,
     FFN_CONTRACT,
@@ -62,9 +77,13 @@ __all__ = [
     "CausalSelfAttention",
     "DecoderBlock",
     "DenseFFN",
+    "MLP",
+    "SmallCNN",
     "TOKEN_IDS_CONTRACT",
     "TransformerLM",
     "apply_rope",
+    "build_classifier",
     "build_lm",
+    "lenet_300_100",
     "logical_param",
 ]

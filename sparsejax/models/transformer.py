@@ -3,8 +3,9 @@
 The FFN and attention of every block are looked up by name in the `FFNS` and `ATTENTIONS`
 registries and constructed under the contract documented in `sparsejax.models`, so a new layer
 (MoE, hash-routed MoE, memory, sparse attention) plugs in by registering itself, without edits
-here. FFNs that route by token id or share one router across layers declare it with the class
-attributes `takes_token_ids` and `shares_router`.
+here. FFNs that route by token id, share one router or one memory value table across layers
+declare it with the class attributes `takes_token_ids`, `shares_router` and `shares_values`;
+input embeddings other than the plain table come from the `EMBEDDINGS` registry.
 """
 import inspect
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ import ml_collections
 
 from sparsejax.auxiliary import Aux, empty_aux, merge_aux
 from sparsejax.models.layers import POSITIONS, logical_param
-from sparsejax.registry import ATTENTIONS, FFNS, Registry
+from sparsejax.registry import ATTENTIONS, EMBEDDINGS, FFNS, Registry
 
 Kwargs = tuple[tuple[str, Any], ...]
 
@@ -24,6 +25,8 @@ FFN_CONTRACT = ("d_model", "d_ff", "dtype")
 # Also passed to an FFN that declares `takes_token_ids`: the range of the ids it receives.
 TOKEN_IDS_CONTRACT = ("vocab_size",)
 ATTENTION_CONTRACT = ("d_model", "num_heads", "positions", "dtype")
+# Input embeddings other than the plain "table" are built from `EMBEDDINGS` with these fields.
+EMBEDDING_CONTRACT = ("vocab_size", "d_model", "dtype")
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
@@ -59,6 +62,7 @@ class DecoderBlock(nn.Module):
       *,
       token_ids_BT: jax.Array | None = None,
       router_DE: jax.Array | None = None,
+      values_ND: jax.Array | None = None,
       deterministic: bool = True,
   ) -> tuple[jax.Array, Aux]:
     attention = ATTENTIONS.get(self.attention)(
@@ -78,6 +82,8 @@ class DecoderBlock(nn.Module):
         **dict(self.ffn_kwargs),
     )
     ffn_inputs = self._ffn_inputs(ffn_cls, token_ids_BT, router_DE)
+    if values_ND is not None:  # a memory value table shared across blocks
+      ffn_inputs["values_ND"] = values_ND
     y_BTD, attention_aux = attention(
         _rms_norm("attention_norm", self.dtype)(x_BTD), deterministic=deterministic
     )
@@ -106,7 +112,9 @@ class DecoderBlock(nn.Module):
 class TransformerLM(nn.Module):
   """Decoder-only Transformer LM: embed, `num_layers` pre-norm blocks, RMSNorm, project to vocab.
 
-  x_0 = E[tokens] (+ P[positions] when positions == "learned"); x_l = block_l(x_{l-1});
+  x_0 = E[tokens] (+ P[positions] when positions == "learned"), or with `embedding` other than
+  "table" the registered `EMBEDDINGS` module's output (e.g. "hashed" n-gram multi-hot sums);
+  x_l = block_l(x_{l-1});
   logits = RMSNorm(x_L) W_out with W_out = E^T when tie_embeddings, else a separate D x V param.
   RMSNorm (not LayerNorm) for its lower cost and equal quality. Layers listed in `ffn_layers`
   (all when None) use the FFN registered as `ffn` with `ffn_kwargs`; the others use "dense" with
@@ -118,11 +126,14 @@ class TransformerLM(nn.Module):
   tokens. With `shared_router` (Omni-Router) the model owns one router weight W_r: D x E, the
   param "shared_router", and every selected FFN (whose class must declare `shares_router`)
   computes its router logits as x_l W_r from its own input x_l, so gradients of W_r sum over
-  layers.
+  layers. With `shared_memory_values` the model owns one memory value table V: N x D, the param
+  "shared_memory_values", read by every selected FFN (whose class must declare `shares_values`,
+  e.g. "pkm") with its own queries and keys, so gradients of V sum over layers.
   Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; Zhang & Sennrich
   2019, "Root Mean Square Layer Normalization"; Press & Wolf 2017, "Using the Output Embedding to
   Improve Language Models" (tying); Gu et al. 2025, "Omni-Router: Sharing Routing Decisions in
-  Sparse Mixture-of-Experts" (shared router).
+  Sparse Mixture-of-Experts" (shared router); Berges et al. 2024, "Memory Layers at Scale"
+  (shared memory values).
   """
 
   vocab_size: int
@@ -139,6 +150,9 @@ class TransformerLM(nn.Module):
   attention: str = "dense"
   attention_kwargs: Kwargs = ()
   shared_router: bool = False
+  shared_memory_values: bool = False
+  embedding: str = "table"
+  embedding_kwargs: Kwargs = ()
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -150,15 +164,21 @@ class TransformerLM(nn.Module):
     seq_len = tokens_BT.shape[1]
     if seq_len > self.max_len:
       raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len}")
-    embed = nn.Embed(
-        self.vocab_size,
-        self.d_model,
-        dtype=self.dtype,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=self.d_model**-0.5), ("vocab", "embed")
-        ),
-        name="embed",
-    )
+    if self.embedding == "table":
+      embed = nn.Embed(
+          self.vocab_size,
+          self.d_model,
+          dtype=self.dtype,
+          embedding_init=nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=self.d_model**-0.5), ("vocab", "embed")
+          ),
+          name="embed",
+      )
+    else:  # e.g. "hashed" n-gram multi-hot embeddings; the head is then untied
+      embed = EMBEDDINGS.get(self.embedding)(
+          vocab_size=self.vocab_size, d_model=self.d_model, dtype=self.dtype, name="embed",
+          **dict(self.embedding_kwargs),
+      )
     x_BTD = embed(tokens_BT)
     if self.positions == "learned":
       pos_TD = logical_param(
@@ -172,12 +192,14 @@ class TransformerLM(nn.Module):
       x_BTD = x_BTD + pos_TD[:seq_len]
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
     router_DE = self._shared_router() if self.shared_router else None
+    values_ND = self._shared_values() if self.shared_memory_values else None
     aux = empty_aux()
     for layer in range(self.num_layers):
       x_BTD, block_aux = self._block(layer)(
           x_BTD,
           token_ids_BT=tokens_BT,
           router_DE=router_DE if self._selected(layer) else None,
+          values_ND=values_ND if self._selected(layer) else None,
           deterministic=deterministic,
       )
       aux = merge_aux(f"layer_{layer}", block_aux, aux)
@@ -220,6 +242,15 @@ class TransformerLM(nn.Module):
     )
     return ffn.router_param(self, "shared_router")
 
+  def _shared_values(self) -> jax.Array:
+    """The memory value table all selected FFNs read, created by the FFN class as
+    "shared_memory_values"."""
+    ffn = FFNS.get(self.ffn)(
+        d_model=self.d_model, d_ff=self.d_ff, dtype=self.dtype, parent=None,
+        **dict(self._ffn_kwargs()),
+    )
+    return ffn.values_param(self, "shared_memory_values")
+
   def _block(self, layer: int) -> DecoderBlock:
     """Block `layer`, with the configured FFN when selected by `ffn_layers`, else "dense"."""
     selected = self._selected(layer)
@@ -258,6 +289,16 @@ def _validate_lm(lm: TransformerLM) -> None:
       raise ValueError(
           f"ffn_layers {outside} out of range; allowed: 0..{lm.num_layers - 1}"
       )
+  if lm.embedding == "table":
+    if lm.embedding_kwargs:
+      raise ValueError(f"embedding 'table' takes no kwargs, got {dict(lm.embedding_kwargs)}")
+  else:
+    _check_layer_kwargs(EMBEDDINGS, lm.embedding, EMBEDDING_CONTRACT, lm.embedding_kwargs)
+    if lm.tie_embeddings:
+      raise ValueError(
+          f"embedding {lm.embedding!r} has no vocab table to tie to the output head; set "
+          f"tie_embeddings=False"
+      )
   ffn_cls = FFNS.get(lm.ffn)
   ffn_contract = FFN_CONTRACT + (TOKEN_IDS_CONTRACT if _takes_token_ids(ffn_cls) else ())
   _check_layer_kwargs(FFNS, lm.ffn, ffn_contract, lm.ffn_kwargs)
@@ -267,6 +308,12 @@ def _validate_lm(lm: TransformerLM) -> None:
     raise ValueError(
         f"shared_router=True needs an FFN that can share its router; ffn {lm.ffn!r} cannot; "
         f"allowed: {', '.join(sharing)}"
+    )
+  if lm.shared_memory_values and not getattr(ffn_cls, "shares_values", False):
+    sharing = [name for name in FFNS if getattr(FFNS.get(name), "shares_values", False)]
+    raise ValueError(
+        f"shared_memory_values=True needs a memory FFN that can share its value table; ffn "
+        f"{lm.ffn!r} cannot; allowed: {', '.join(sharing)}"
     )
 
 
@@ -311,6 +358,8 @@ _OPTIONAL_FIELDS = {
     "ffn_layers": None,
     "attention": {"name": "dense"},
     "shared_router": False,
+    "shared_memory_values": False,
+    "embedding": {"name": "table"},
     "dtype": "float32",
 }
 
@@ -322,7 +371,9 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
   positions="rope", tie_embeddings=True, ffn={"name": "dense"} (a ConfigDict with the registered
   FFN's `name` plus that FFN's own kwargs), ffn_layers=None, attention={"name": "dense"} (same
   form), shared_router=False (one router weight for all MoE layers, see `TransformerLM`),
-  dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
+  shared_memory_values=False (one value table for all memory layers), embedding={"name":
+  "table"} (or a registered `EMBEDDINGS` name plus its kwargs, e.g. {"name": "hashed",
+  "num_rows": 4096, "max_n": 3, "num_hashes": 2}, which needs tie_embeddings=False), dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
   """
   config = model_config.to_dict()
   unknown = sorted(set(config) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
@@ -339,6 +390,7 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
     raise ValueError(f"model dtype={config['dtype']!r}; allowed: {', '.join(_DTYPES)}")
   ffn, ffn_kwargs = _split_layer_config("ffn", config["ffn"])
   attention, attention_kwargs = _split_layer_config("attention", config["attention"])
+  embedding, embedding_kwargs = _split_layer_config("embedding", config["embedding"])
   ffn_layers = config["ffn_layers"]
   return TransformerLM(
       vocab_size=vocab_size,
@@ -355,6 +407,9 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
       attention=attention,
       attention_kwargs=attention_kwargs,
       shared_router=config["shared_router"],
+      shared_memory_values=config["shared_memory_values"],
+      embedding=embedding,
+      embedding_kwargs=embedding_kwargs,
       dtype=_DTYPES[config["dtype"]],
   )
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from sparsejax.moe import balance
 from sparsejax.moe import dispatch
 from sparsejax.moe import experts
+from sparsejax.moe import parallel
 from sparsejax.moe import plan as plan_lib
 from sparsejax.moe import routing
 from sparsejax.moe import soft
@@ -74,6 +75,23 @@ class MoE(nn.Module):
       the "moe_bias" collection, updated when that collection is mutable and not deterministic.
     implementation: backend of the dropless grouped matmul `kernels.gmm.gmm`: "auto", "pallas",
       "xla" or "reference". tile: its row tile tm (the kernel's default is 128).
+    expert_parallel: "auto" (the default) runs the experts with `sparsejax.moe.parallel` (in
+      a `shard_map`, each device on its own tokens; with an "expert" axis > 1 the tokens go by
+      all_to_all to the devices holding their experts) whenever the mesh set with
+      `jax.set_mesh` splits the tokens (data x fsdp x expert > 1), and as plain array code
+      otherwise (one device, or a "model"-only mesh). GSPMD partitions that plain code poorly
+      under data parallelism (`python -m experiments.bench ep`: 6-11x slower on 8 CPU
+      devices), hence the default. True always takes the `shard_map` path (a mesh must be set); False never.
+      Routing is always global (the same plan as on one device), so the output is the
+      single-device layer's unless the exchange buffer drops pairs (`ep_buffer_factor`).
+      num_experts must be divisible by the mesh's expert axis.
+    ep_buffer_factor: None sizes the exchange buffers for the worst case (never drops); f > 0
+      sizes them for f times a balanced load, dropping the overflow deterministically (counted
+      in "dropped_fraction"; "exchange_dropped_fraction" reports it alone).
+    ep_num_chunks: token chunks per device exchanged one after another, so that communication
+      of one chunk can overlap the expert compute of another (same result).
+    ep_exchange: "all_to_all" (every platform) or "ragged" (`jax.lax.ragged_all_to_all`, TPU
+      and GPU only; a ValueError on CPU).
     dtype / param_dtype: compute / parameter dtype.
 
   Call with `router_DE` to route by a router weight owned elsewhere (Omni-Router's weight
@@ -99,6 +117,10 @@ class MoE(nn.Module):
   bias_update_rate: float = 0.0
   implementation: str = "auto"
   tile: int = 128
+  expert_parallel: bool | str = "auto"
+  ep_buffer_factor: float | None = None
+  ep_num_chunks: int = 1
+  ep_exchange: str = "all_to_all"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -120,10 +142,10 @@ class MoE(nn.Module):
       logits_TE = self._router_logits(x_TD, deterministic, router_DE)
     routed, router_aux = self._route(logits_TE, deterministic)
     plan = self._limit_capacity(routed)
-    y_TD = self._run_experts(x_TD.astype(self.dtype), plan, weights)
+    y_TD, exchange_dropped = self._experts_and_drops(x_TD.astype(self.dtype), plan, weights)
     if self.num_shared_experts:
       y_TD = y_TD + self._shared_experts(x_TD.astype(self.dtype))
-    aux = self._aux(logits_TE, routed, plan, router_aux)
+    aux = self._aux(logits_TE, routed, plan, router_aux, exchange_dropped)
     return y_TD.reshape(batch, length, d_model), aux
 
   def _validate(self) -> None:
@@ -142,6 +164,34 @@ class MoE(nn.Module):
     if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.router != "top_k"):
       raise ValueError(f"bias_update_rate must be >= 0 and needs router 'top_k', got "
                        f"{self.bias_update_rate} with router {self.router!r}")
+    self._validate_expert_parallel()
+
+  def _validate_expert_parallel(self) -> None:
+    if not (self.expert_parallel is True or self.expert_parallel is False
+            or self.expert_parallel == "auto"):
+      raise ValueError(f"expert_parallel must be 'auto', True or False, got "
+                       f"{self.expert_parallel!r}")
+    if self.ep_buffer_factor is not None and not self.ep_buffer_factor > 0:
+      raise ValueError(f"ep_buffer_factor must be None or > 0, got {self.ep_buffer_factor}")
+    chunks = self.ep_num_chunks
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+      raise ValueError(f"ep_num_chunks must be an int >= 1, got {chunks!r}")
+    if self.ep_exchange not in parallel.EXCHANGES:
+      raise ValueError(f"ep_exchange must be one of {parallel.EXCHANGES}, got "
+                       f"{self.ep_exchange!r}")
+
+  def _expert_parallel_mesh(self):
+    """The mesh to run the experts expert-parallel on, or None for the GSPMD path."""
+    mesh = parallel.current_mesh()
+    parallel.check_num_experts(self.num_experts, mesh)
+    if self.expert_parallel is False:
+      return None
+    if self.expert_parallel is True:
+      if mesh is None:
+        raise ValueError("expert_parallel=True needs a device mesh: call the layer inside "
+                         "`with jax.set_mesh(mesh):` (see sparsejax.sharding.make_mesh)")
+      return mesh
+    return mesh if parallel.token_shards(mesh) > 1 else None
 
   def router_param(self, owner: nn.Module, name: str) -> jax.Array:
     """The router weight W_r `[D, E]` as param `name` of `owner` (this layer, or a model)."""
@@ -209,8 +259,21 @@ class MoE(nn.Module):
   def _run_experts(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan,
                    weights: dict[str, jax.Array] | None = None) -> jax.Array:
     """The routed experts' combined output; `weights` if the router already created them."""
+    return self._experts_and_drops(x_TD, plan, weights)[0]
+
+  def _experts_and_drops(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan,
+                         weights: dict[str, jax.Array] | None = None):
+    """(combined output, pairs the expert-parallel exchange dropped or None if it cannot)."""
     if weights is None:
       weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
+    mesh = self._expert_parallel_mesh()
+    if mesh is not None:
+      y_TD, dropped = parallel.expert_parallel_experts(
+          x_TD, plan, weights, self.expert, pairs_per_token=self.k,
+          buffer_factor=self.ep_buffer_factor, num_chunks=self.ep_num_chunks,
+          exchange=self.ep_exchange, implementation=self.implementation, tile=self.tile,
+          mesh=mesh)
+      return y_TD, (dropped if self.ep_buffer_factor is not None else None)
     x_RD = dispatch.dispatch(x_TD, plan)
     if plan.capacity is None:
       y_RD = experts.experts_grouped(x_RD, weights, plan_lib.group_sizes(plan), self.expert,
@@ -218,18 +281,22 @@ class MoE(nn.Module):
     else:
       x_ECD = x_RD.reshape(self.num_experts, plan.capacity, self.d_model)
       y_RD = experts.experts_batched(x_ECD, weights, self.expert).reshape(x_RD.shape)
-    return dispatch.combine(y_RD, plan)
+    return dispatch.combine(y_RD, plan), None
 
   def _shared_experts(self, x_TD: jax.Array) -> jax.Array:
     """num_shared_experts always-on FFNs, fused into one of hidden num_shared * F."""
     weights = expert_params(self, "shared_", 1, self.num_shared_experts * self.d_ff, None)
     return experts.experts_batched(x_TD[None], weights, self.expert)[0]
 
-  def _aux(self, logits_TE, routed, plan, router_aux) -> dict[str, dict[str, jax.Array]]:
+  def _aux(self, logits_TE, routed, plan, router_aux,
+           exchange_dropped=None) -> dict[str, dict[str, jax.Array]]:
+    """Losses and metrics; `exchange_dropped` pairs (EP buffer overflow) count as dropped."""
     fraction_E = balance.expert_fraction(routed)
     z_loss = balance.router_z_loss(logits_TE)
     routed_pairs = jnp.sum(routed.keep_TK)
     dropped_pairs = routed_pairs - jnp.sum(plan.keep_TK)
+    if exchange_dropped is not None:
+      dropped_pairs = dropped_pairs + exchange_dropped
     metrics = {
         "expert_load_E": fraction_E,
         "load_max_over_mean": jnp.max(fraction_E) * self.num_experts,
@@ -237,6 +304,8 @@ class MoE(nn.Module):
         "router_entropy": router_aux["entropy"],
         "z_loss": z_loss,
     }
+    if exchange_dropped is not None:
+      metrics["exchange_dropped_fraction"] = exchange_dropped / jnp.maximum(routed_pairs, 1)
     metrics.update({name: value for name, value in router_aux.items()
                     if name not in ("probs_TE", "entropy", "losses")})
     losses = {}

@@ -49,3 +49,7 @@ def test_trains_end_to_end_with_the_trainer(stdlib_data_dir, tmp_path):
   for name in MEMORY_METRICS:
     value = summary[f"train/layer_1/ffn/{name}"]
     assert 0 < value <= 1, name
+    # Accumulated over the whole eval window: at least the usage of one eval batch.
+    assert 0 < records[-1][f"eval/layer_1/ffn/{name}"] <= 1, name
+  top_slots = records[-1]["eval/layer_1/ffn/top_slots"]
+  assert len(top_slots) == 8 and all(0 <= s < 16**2 for s in top_slots)

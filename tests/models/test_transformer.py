@@ -319,7 +319,7 @@ def test_activation_constraints_resolve_only_under_the_rules():
     assert constraint_specs(model, variables, tokens_BT) == []
     with with_rules():
       specs = constraint_specs(model, variables, tokens_BT)
-  batch = ("data", "fsdp")
+  batch = ("data", "fsdp", "expert")  # the expert axis splits tokens too (size 1 here)
   # After the embedding, after each of the 2 blocks, and on the logits.
   assert specs == [P(batch, None, None)] * 3 + [P(batch, None, "model")]
 
