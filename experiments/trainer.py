@@ -41,8 +41,9 @@ RNG_STREAMS = ("dropout", "router", "noise")
 # config.task values: a byte-level LM on text, or a classifier on a classification dataset.
 TASKS = ("lm", "classify")
 CLASSIFY_DATASETS = (data_lib.digits.NAME,)
-# Initial-mask scores the trainer can compute from params alone (saliency/fisher need gradients).
-SPARSITY_INITS = ("random", "magnitude")
+# Initial-mask scores (sparsejax.masks.init); saliency and fisher take gradients of the training
+# loss on the first `config.sparsity.init_batches` training batches (see `mask_init_kwargs`).
+SPARSITY_INITS = ("random", "magnitude", "saliency", "fisher")
 # The random initial mask draws from fold_in(PRNGKey(config.seed), MASK_RNG_STREAM).
 MASK_RNG_STREAM = 1
 
@@ -277,24 +278,55 @@ def _named_entry(section: str, entry: ml_collections.ConfigDict) -> tuple[str, d
   return name, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
+def check_sparsity_init(sparsity: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming `sparsity.init` / `sparsity.init_batches` if the trainer cannot
+  compute those initial-mask scores."""
+  if sparsity.init not in SPARSITY_INITS:
+    raise ValueError(f"config.sparsity.init={sparsity.init!r}; allowed in the trainer: "
+                     f"{', '.join(SPARSITY_INITS)}")
+  if sparsity.init in ("saliency", "fisher") and sparsity.init_batches < 1:
+    raise ValueError(f"config.sparsity.init_batches={sparsity.init_batches} must be >= 1 for "
+                     f"init={sparsity.init!r}")
+
+
+def mask_init_kwargs(init: str, grad_fn: Callable[[Any, Any], Any], params: Any,
+                     batches: list[Any]) -> dict[str, Any]:
+  """The extra arguments of the mask init `init` (`sparsejax.masks.init`) from batch gradients
+  g_b = grad_fn(params, batch_b), b = 1..n:
+
+    random, magnitude   {} (scores from params alone)
+    saliency            grads = (1/n) sum_b g_b, so the score is |w mean_b g_b| (SNIP)
+    fisher              sq_grads = sum_b g_b^2 (`accumulate_sq_grads`; batch, not per-example,
+                        gradients: the diagonal empirical Fisher of the batch means)
+  """
+  if init == "saliency":
+    step = jax.jit(lambda acc, batch: jax.tree.map(jnp.add, acc, grad_fn(params, batch)))
+    total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    for batch in batches:
+      total = step(total, batch)
+    return {"grads": jax.device_get(jax.tree.map(lambda g: g / len(batches), total))}
+  if init == "fisher":
+    return {"sq_grads": jax.device_get(masks.accumulate_sq_grads(grad_fn, params, batches))}
+  return {}
+
+
 def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collections.ConfigDict,
-                          params: Any, seed: int):
+                          params: Any, seed: int, init_kwargs: dict[str, Any] | None = None):
   """(`tx` under `sparsejax.masks.wrap`, the initial `Mask`) as `config.sparsity` describes.
 
   The initial mask keeps a `sparsity.density` fraction of the sparsified leaves of `params`,
   spread over the leaves by `sparsity.distribution`, scored by `sparsity.init` (random draws
-  from fold_in(PRNGKey(seed), MASK_RNG_STREAM)); the updater and schedule come from the
-  registries by name.
+  from fold_in(PRNGKey(seed), MASK_RNG_STREAM); saliency / fisher need `init_kwargs` from
+  `mask_init_kwargs`); the updater and schedule come from the registries by name.
   """
-  if sparsity.init not in SPARSITY_INITS:
-    raise ValueError(f"config.sparsity.init={sparsity.init!r}; allowed in the trainer: "
-                     f"{', '.join(SPARSITY_INITS)}")
+  check_sparsity_init(sparsity)
   rules = tuple((pattern, spec.to_dict() if hasattr(spec, "to_dict") else spec)
                 for pattern, spec in sparsity.rules)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), MASK_RNG_STREAM)
   try:
     mask = masks.make_mask(params, sparsity.density, sparsity.distribution, rules,
-                           init=sparsity.init, key=key, power=sparsity.erk_power)
+                           init=sparsity.init, key=key, power=sparsity.erk_power,
+                           **(init_kwargs or {}))
   except ValueError as e:
     raise ValueError(f"config.sparsity (density={sparsity.density}): {e}") from None
   updater_name, updater_kwargs = _named_entry("sparsity.updater", sparsity.updater)
@@ -406,6 +438,8 @@ class Trainer:
     self.mesh = make_mesh(config, devices)
     train = config.train
     self.classify = config.task == "classify"
+    self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
+    self._warm_params = None  # warm start + sparsity: the loaded params the mask was built on
     try:
       if self.classify:
         self.train_data, self.eval_data, self.model = _load_classification(config)
@@ -420,28 +454,35 @@ class Trainer:
         )
         self.model = models.build_lm(with_data_statistics(config.model, self.train_data),
                                      vocab_size=data_lib.VOCAB_SIZE)
+      self.sampler = data_lib.IndexSampler(
+          self.train_data.num_examples if self.classify else self.train_data.num_windows,
+          config.seed)
       self.tx, self.schedule = make_optimizer(train)
       self.initial_mask = None  # sparse training: the mask `init_state` starts from
       if config.sparsity.enabled:
+        check_sparsity_init(config.sparsity)
+        params, model_state = self._initial_params()
+        init_kwargs = mask_init_kwargs(
+            config.sparsity.init, self._mask_grad_fn(model_state), params,
+            [self._train_batch(b * train.batch_size)
+             for b in range(config.sparsity.init_batches)])
         self.tx, self.initial_mask = make_sparse_optimizer(
-            self.tx, config.sparsity, self._initial_params(), config.seed)
+            self.tx, config.sparsity, params, config.seed, init_kwargs)
       self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._init_abstract_state()  # traces the model: layers check their settings here
     except ValueError as e:
+      self.checkpoints.close()
       raise ConfigError(str(e)) from None
     if self.classify:  # every eval example once; batches [B, features]
-      self.sampler = data_lib.IndexSampler(self.train_data.num_examples, config.seed)
       self.eval_batches = data_lib.digits.eval_batches(self.eval_data, train.batch_size)
     else:
-      self.sampler = data_lib.IndexSampler(self.train_data.num_windows, config.seed)
       self.eval_batches = data_lib.eval_batches(self.eval_data, train.batch_size,
                                                 train.eval_batches)
     self.batch_sharding = sharding.logical_to_mesh_sharding(
         jax.sharding.PartitionSpec(*(("batch",) if self.classify else ("batch", "length"))),
         self.mesh,
     )
-    self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
-    if config.init.from_workdir is not None and self.checkpoints.latest_step() is None:
+    if self._warm_start_pending():
       self._open_init_source()  # fail now, not after compiling, if there is nothing to load
     self.metrics = metrics_lib.MetricsWriter(workdir)
     with jax.set_mesh(self.mesh), sharding.with_rules():
@@ -515,11 +556,35 @@ class Trainer:
       state = self._warm_start(state)
     return state
 
-  def _initial_params(self) -> Any:
-    """The params `init_state` draws (same seed), as host arrays (op by op: nothing to compile)."""
+  def _initial_params(self) -> tuple[Any, Any]:
+    """(params, model_state) that training starts from, as host arrays: the ones `init_state`
+    draws (same seed; op by op, nothing to compile), with the params of `config.init.from_workdir`
+    instead when this run warm-starts from there (so the initial mask is built on them)."""
     init_rng, _ = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    variables = self._init_variables_boxed(init_rng)
-    return jax.device_get(nn.meta.unbox(variables)["params"])
+    variables = jax.device_get(nn.meta.unbox(self._init_variables_boxed(init_rng)))
+    params = variables.pop("params")
+    if self._warm_start_pending():
+      self._warm_params = self._load_init_params(params)
+      params = self._warm_params
+    return params, variables
+
+  def _mask_grad_fn(self, model_state: Any) -> Callable[[Any, Any], Any]:
+    """(params, batch) -> d(training loss)/d(params) at `params`, deterministic (no dropout or
+    router noise), on the dense params: the gradients of the saliency / fisher mask inits."""
+    model = self.model
+
+    def loss(params, batch):
+      (logits, aux), _ = model.apply({"params": params, **model_state}, batch["inputs"],
+                                     deterministic=True, mutable=list(model_state))
+      nll_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+      aux_loss = sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+      return nll_sum / jnp.maximum(weight_sum, 1.0) + aux_loss
+
+    return jax.grad(loss)
+
+  def _warm_start_pending(self) -> bool:
+    """Whether a fresh start of this run loads `config.init.from_workdir` (no own checkpoint)."""
+    return self.config.init.from_workdir is not None and self.checkpoints.latest_step() is None
 
   def _open_init_source(self) -> tuple[ckpt_lib.Checkpoints, int]:
     """The checkpoints of `config.init.from_workdir` and their latest step."""
@@ -531,11 +596,10 @@ class Trainer:
       )
     return source, step
 
-  def _warm_start(self, state: dict[str, Any]) -> dict[str, Any]:
-    """`state` with params from `config.init.from_workdir` (upcycled if asked) and fresh Adam."""
+  def _load_init_params(self, template: Any) -> Any:
+    """The params of `config.init.from_workdir` (upcycled if asked) shaped like `template`."""
     source, step = self._open_init_source()
     loaded = source.restore_params(step)
-    template = jax.device_get(state["params"])
     try:
       if self.config.init.upcycle:
         params = upcycle.upcycle_params(loaded, template)
@@ -545,8 +609,16 @@ class Trainer:
       raise ConfigError(f"config.init.from_workdir={self.config.init.from_workdir!r}: {e}") from None
     print(f"initialised from {source.directory} step {step}"
           f"{' (upcycled)' if self.config.init.upcycle else ''}", flush=True)
+    return params
+
+  def _warm_start(self, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with params from `config.init.from_workdir` (upcycled if asked) and fresh Adam;
+    under sparsity, the initial mask (built on these same loaded params) applied to them."""
+    params = self._warm_params
+    if params is None:
+      params = self._load_init_params(jax.device_get(state["params"]))
     with jax.set_mesh(self.mesh), sharding.with_rules():
-      if self.initial_mask is not None:  # the mask drawn at init_state, on the loaded params
+      if self.initial_mask is not None:  # the initial mask, scored on the loaded params
         params = jax.device_get(self.initial_mask.apply(params))
       params = jax.device_put(params, self.state_shardings["params"])
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
@@ -651,7 +723,8 @@ class Trainer:
           self.metrics.write(step, record, eta)
         if evaluate and self.config.train.plot_expert_load:
           self._plot_expert_load(record, step)
-        summary = {"step": step, **{k: float(np.mean(v)) for k, v in record.items()}}
+        summary = {"step": step,
+                   **{k: float(v) for k, v in record.items() if np.ndim(v) == 0}}
         if save:
           self.save(state, step, position)
           last_saved = step

@@ -15,6 +15,7 @@ Expected on a 2-core CPU: 400 steps in about 3.5 minutes (2 steps/s), eval/bpb a
 (measured 1.974; lm_dense.py 2.161 at the same step count), max/mean expert load about 1.25.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import base
 
@@ -31,6 +32,11 @@ def get_config():
       "expert": "swiglu",
       "load_balance_weight": 1e-2,
       "z_loss_weight": 1e-3,
+      # Expert parallelism (used when --config.mesh.expert > 1; see sparsejax/moe/parallel.py).
+      "expert_parallel": "auto",
+      "ep_buffer_factor": config_dict.placeholder(float),  # None: worst-case, never drops
+      "ep_num_chunks": 1,
+      "ep_exchange": "all_to_all",
   })
   c.model.d_ff = 256
   return c
