@@ -614,7 +614,7 @@ class Trainer:
   def _warm_start(self, state: dict[str, Any]) -> dict[str, Any]:
     """`state` with params from `config.init.from_workdir` (upcycled if asked) and fresh Adam;
     under sparsity, the initial mask (built on these same loaded params) applied to them."""
-    params = self._warm_params
+    params, self._warm_params = self._warm_params, None  # the host copy is needed only once
     if params is None:
       params = self._load_init_params(jax.device_get(state["params"]))
     with jax.set_mesh(self.mesh), sharding.with_rules():

@@ -78,7 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
   # "unstructured", "fan_in", "nm:n=2,m=4", "block:block=4x4", ...; unmatched: >=2-D
   # kernels "unstructured", 1-D leaves dense.
   c.sparsity.rules = ()
-  c.sparsity.init = "random"  # initial mask scores: "random" | "magnitude"
+  # Initial mask scores: "random" | "magnitude" (|w|) | "saliency" (SNIP, |w g|) | "fisher"
+  # (sum_b g_b^2); g from the training loss on the first `init_batches` training batches, at the
+  # initial params (the loaded ones under init.from_workdir).
+  c.sparsity.init = "random"
+  c.sparsity.init_batches = 4
   # A registered updater (sparsejax.registry.UPDATERS) and its arguments, e.g.
   # {"name": "rigl", "exploration": 0.0}; and the schedule (SCHEDULES) driving it, e.g.
   # {"name": "cosine", "drop_fraction": 0.3, "end": 1500, "update_every": 50}; "none" = the

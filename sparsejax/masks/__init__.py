@@ -9,6 +9,7 @@ from sparsejax.masks.oneshot import sparsegpt_prune, wanda_prune
 from sparsejax.masks.export import (from_bsr, from_condensed, restore_sparse, save_sparse, to_bsr,
                                     to_condensed)
 from sparsejax.masks.condensed import CondensedLinear, condensed_matmul
+from sparsejax.masks.pixelfly import PixelflyLinear, pixelfly_pattern
 from sparsejax.masks.schedules import Constant, Cosine, OneShot, Polynomial, Schedule, make_schedule
 from sparsejax.masks.updaters import (NMPGF, NMSRSTE, SET, GroupLasso, HyperSparse, Magnitude, RigL,
                                       SparseMomentum, SRigL, Updater, make_updater)

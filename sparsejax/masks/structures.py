@@ -25,7 +25,8 @@ Fixed patterns (`pattern`; `select` on them returns the pattern, scores are igno
   butterfly     flat block butterfly on the `block` grid: block (r, c) kept iff r ^ c is 0 or a
                 power of two below 2^levels (rectangular grids are stretched from the square
                 min(R, C) grid). Density (1 + levels) / n. Dao et al. 2022, "Pixelated
-                Butterfly" (the low-rank term is a separate dense factor, not a mask).
+                Butterfly" (the low-rank term is a separate dense factor, not a mask:
+                `sparsejax.masks.pixelfly.PixelflyLinear`).
   monarch       block-diagonal with `nblocks` blocks plus its stride permutation
                 (i mod nblocks == j mod nblocks): the union of the supports of the two
                 block-diagonal Monarch factors. Dao et al. 2022, "Monarch".

@@ -128,8 +128,9 @@ def test_masks_survive_checkpoint_restore_and_mesh_change(tmp_path):
     (lambda c: c.data.update(name="python_stdlib"), "'python_stdlib' is not a classification"),
     (lambda c: c.classifier.update(name="nope"), "unknown model 'nope'"),
     (lambda c: c.sparsity.update(density=0.0), r"density=0.0.*\(0, 1\]"),
-    (lambda c: c.sparsity.update(init="saliency"), "sparsity.init='saliency'; allowed in the "
-                                                   "trainer: random, magnitude"),
+    (lambda c: c.sparsity.update(init="snap"), "sparsity.init='snap'; allowed in the "
+                                               "trainer: random, magnitude, saliency, fisher"),
+    (lambda c: c.sparsity.update(init="fisher", init_batches=0), "init_batches=0 must be >= 1"),
     (lambda c: c.sparsity.updater.update(name="nope"), "unknown mask updater 'nope'"),
     (lambda c: setattr(c.sparsity, "schedule", ml_collections.ConfigDict(
         {"name": "polynomial", "final_sparsity": 0.9, "end": 8, "update_every": 2})),
@@ -173,3 +174,98 @@ def test_claims_summary_and_table():
   assert lines[0] == "| method | 90% sparse | 98% sparse |"
   assert lines[2] == "| dense (0 % sparse) | 95.00 ± 5.00 | 95.00 ± 5.00 |"
   assert "| rigl | 60.00 ± 14.14 | - |" in lines
+
+
+# ----------------------------------------------- gradient-scored initial masks and warm starts
+
+
+def _numpy_kernel_grads(params, batch):
+  """d(mean CE)/d(kernel) of the 2-hidden-layer ReLU MLP, backpropagated by hand in float64."""
+  p = {n: {k: np.asarray(v, np.float64) for k, v in params[n].items()} for n in params}
+  x, labels = batch["inputs"].astype(np.float64), batch["targets"]
+  a1 = x @ p["layer_0"]["kernel"] + p["layer_0"]["bias"]
+  h1 = np.maximum(a1, 0.0)
+  a2 = h1 @ p["layer_1"]["kernel"] + p["layer_1"]["bias"]
+  h2 = np.maximum(a2, 0.0)
+  logits = h2 @ p["head"]["kernel"] + p["head"]["bias"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  d_logits = (probs - np.eye(10)[labels]) / len(labels)
+  d_a2 = (d_logits @ p["head"]["kernel"].T) * (a2 > 0)
+  d_a1 = (d_a2 @ p["layer_1"]["kernel"].T) * (a1 > 0)
+  return {"head/kernel": h2.T @ d_logits, "layer_1/kernel": h1.T @ d_a2,
+          "layer_0/kernel": x.T @ d_a1}
+
+
+def _assert_top_k(keep, scores, k, rel=0.0):
+  """`keep` holds exactly k entries, and no dropped score beats a kept one (up to `rel`, for
+  float32-vs-float64 near-ties at the threshold)."""
+  keep, scores = np.asarray(keep).reshape(-1), np.asarray(scores).reshape(-1)
+  assert keep.sum() == k
+  threshold = np.sort(scores)[::-1][k - 1]
+  assert threshold > 0
+  assert scores[keep].min() >= threshold * (1 - rel)
+  assert scores[~keep].max() <= threshold * (1 + rel)
+
+
+KERNELS = ("head/kernel", "layer_0/kernel", "layer_1/kernel")
+
+
+@pytest.mark.parametrize("init, distribution", [("saliency", "global"), ("fisher", "erk")])
+def test_gradient_scored_initial_mask_is_top_k_of_numpy_scores(tmp_path, init, distribution):
+  config = tiny_config("static")
+  config.sparsity.update(init=init, distribution=distribution, init_batches=3)
+  t = trainer_for(config, tmp_path)
+  mask = t.initial_mask.flat()
+  params = jax.device_get(t._initial_params()[0])  # the seed's fresh init
+  t.close()
+  train = digits.load_digits("train")
+  sampler = trainer_lib.data_lib.IndexSampler(train.num_examples, config.seed)
+  grads = []
+  for b in range(3):  # the first three training batches of 16
+    idx = sampler.indices(16 * b, 16)
+    grads.append(_numpy_kernel_grads(params, {"inputs": train.inputs[idx],
+                                              "targets": train.labels[idx]}))
+  weights = {p: np.asarray(params[p.split("/")[0]]["kernel"], np.float64) for p in KERNELS}
+  if init == "saliency":  # |w (mean_b g_b)|
+    scores = {p: np.abs(weights[p] * np.mean([g[p] for g in grads], axis=0)) for p in KERNELS}
+  else:  # sum_b g_b^2
+    scores = {p: np.sum([g[p] ** 2 for g in grads], axis=0) for p in KERNELS}
+  target = round(0.2 * (64 * 32 + 32 * 16 + 16 * 10))
+  assert sum(int(mask[p].sum()) for p in KERNELS) == target  # realised density exact
+  if distribution == "global":  # one top-k over all kernels together
+    _assert_top_k(np.concatenate([np.asarray(mask[p]).ravel() for p in KERNELS]),
+                  np.concatenate([scores[p].ravel() for p in KERNELS]), target, rel=1e-4)
+  else:  # per kernel, the top count_l of its own scores
+    for p in KERNELS:
+      _assert_top_k(mask[p], scores[p], int(mask[p].sum()), rel=1e-4)
+  for p in ("head/bias", "layer_0/bias", "layer_1/bias"):
+    assert np.all(mask[p])
+
+
+def test_warm_start_magnitude_mask_is_built_on_the_loaded_params(tmp_path):
+  source_config = tiny_config("dense")
+  source_config.seed = 7  # params unlike the warm run's own seed-0 init
+  t = trainer_for(source_config, tmp_path / "source")
+  source_state = t.init_state()
+  loaded = jax.device_get(source_state["params"])
+  t.save(source_state, 1, 0)
+  t.close()
+
+  config = tiny_config("static")
+  config.sparsity.update(init="magnitude", distribution="global")
+  config.init.from_workdir = str(tmp_path / "source")
+  t = trainer_for(config, tmp_path / "warm")
+  state, _ = t.restore_or_init()
+  mask = t.initial_mask.flat()
+  state = jax.device_get(state)
+  t.close()
+  target = round(0.2 * (64 * 32 + 32 * 16 + 16 * 10))
+  _assert_top_k(np.concatenate([np.asarray(mask[p]).ravel() for p in KERNELS]),
+                np.concatenate([np.abs(loaded[p.split("/")[0]]["kernel"]).ravel()
+                                for p in KERNELS]), target)
+  for p in KERNELS:  # the warm state holds the loaded weights where kept, exact zeros elsewhere
+    layer = p.split("/")[0]
+    np.testing.assert_array_equal(state["params"][layer]["kernel"],
+                                  np.where(mask[p], loaded[layer]["kernel"], 0.0))
+    np.testing.assert_array_equal(state["params"][layer]["bias"], loaded[layer]["bias"])
