@@ -13,7 +13,9 @@ Mixture-of-Experts from Dense Checkpoints"). Optimizer state and the schedule st
 Compare eval/bpb against continuing the dense run for as many steps. Expected on a 2-core CPU:
 the step-0 eval/bpb equals the dense run's last one (tested); a full 400-step upcycled run takes
 about moe_lm.py's time (~3.5 min, 8 GELU experts of hidden 512, so twice moe_lm.py's expert
-FLOPs); its final bpb has not been measured yet.
+FLOPs). Measured: the 400-step dense run (2.161) continued 400 steps as this MoE reaches eval/bpb
+1.847, against 1.907 for the same dense run continued 400 steps as a dense model
+(lm_dense.py with --config.init.from_workdir=DIR_DENSE).
 """
 from experiments.configs import base
 from experiments.configs import moe_lm
