@@ -38,9 +38,9 @@ FREE_FORM_KEYS = ("model.ffn", "model.attention", "model.embedding", "classifier
                   "sparsity.updater", "sparsity.schedule")
 # RNG streams every model may draw from during training (dropout, router noise, ...).
 RNG_STREAMS = ("dropout", "router", "noise")
-# config.task values: a byte-level LM on text, or a classifier on a classification dataset.
+# config.task values: a byte-level LM on text, or a classifier on a classification dataset
+# (the bundled "digits", or a prepared TFDS image dataset, checked when loaded).
 TASKS = ("lm", "classify")
-CLASSIFY_DATASETS = (data_lib.digits.NAME,)
 # Initial-mask scores (sparsejax.masks.init); saliency and fisher take gradients of the training
 # loss on the first `config.sparsity.init_batches` training batches (see `mask_init_kwargs`).
 SPARSITY_INITS = ("random", "magnitude", "saliency", "fisher")
@@ -78,9 +78,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(siblings)}")
   if config.task not in TASKS:
     raise ConfigError(f"config.task={config.task!r}; allowed: {', '.join(TASKS)}")
-  if config.task == "classify" and config.data.name not in CLASSIFY_DATASETS:
-    raise ConfigError(f"config.data.name={config.data.name!r} is not a classification dataset; "
-                      f"allowed with task='classify': {', '.join(CLASSIFY_DATASETS)}")
   train = config.train
   for name in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
     if train[name] < 1:
@@ -262,10 +259,17 @@ def make_classify_eval_step(model: nn.Module) -> Callable:
 
 
 def _load_classification(config: ml_collections.ConfigDict):
-  """(train split, eval split, model) of a `task="classify"` config."""
-  splits = [data_lib.digits.load_digits(s) for s in (config.data.train_split,
-                                                        config.data.eval_split)]
-  model = models.build_classifier(config.classifier, data_lib.digits.NUM_CLASSES)
+  """(train split, eval split, model) of a `task="classify"` config: the bundled digits, or
+  the prepared TFDS image dataset `config.data.name` (see `experiments.data.images`)."""
+  names = (config.data.train_split, config.data.eval_split)
+  if config.data.name == data_lib.digits.NAME:
+    splits = [data_lib.digits.load_digits(s) for s in names]
+    num_classes = data_lib.digits.NUM_CLASSES
+  else:
+    data_dir = config.data.data_dir
+    splits = [data_lib.images.load_images(config.data.name, s, data_dir=data_dir) for s in names]
+    num_classes = data_lib.images.num_classes(config.data.name, data_dir=data_dir)
+  model = models.build_classifier(config.classifier, num_classes)
   return splits[0], splits[1], model
 
 

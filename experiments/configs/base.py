@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # "lm": byte-level language model (config.model) on a TFDS text dataset; "classify": the
-  # classifier config.classifier on a classification dataset (data.name="digits").
+  # classifier config.classifier on a classification dataset (data.name="digits", bundled, or a
+  # prepared TFDS image dataset such as "mnist", "fashion_mnist", "cifar10"; splits
+  # data.train_split / data.eval_split).
   c.task = "lm"
 
   c.data = ml_collections.ConfigDict()

@@ -4,6 +4,9 @@ Command (the method is the config argument; default "rigl"; 90 % sparsity, ERK o
   python -m experiments.train --config=experiments/configs/sparse_mlp.py:rigl --workdir=/tmp/sparse_mlp
   python -m experiments.train --config=experiments/configs/sparse_mlp.py:dense --workdir=/tmp/dense_mlp
   ... --config.sparsity.density=0.02   (98 % sparsity)
+  ... --config.data.name=mnist [--config.data.data_dir=DIR]   (any TFDS image classification
+      dataset, prepared once with `tfds build mnist --file_format=array_record`; see
+      experiments/data/images.py)
 
 Methods: "dense" (no mask), "static" (a fixed random ERK mask), "set" (magnitude drop, random
 regrowth), "rigl" (magnitude drop, gradient regrowth), "srigl" (RigL at constant fan-in per
