@@ -196,7 +196,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stdlib_data_dir, tmp_path)
 def tiny_moe_config(data_dir, **ffn):
   c = tiny_config(data_dir)
   c.model.ffn = ml_collections.ConfigDict(
-      {"name": "moe", "num_experts": 4, "k": 2, "capacity_factor": None, **ffn})
+      {"name": "moe", "num_experts": 4, "k": 2, "capacity_factor": None, "implementation": "reference", **ffn})
   return c
 
 
