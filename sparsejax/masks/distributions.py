@@ -34,7 +34,7 @@ import numpy as np
 
 from sparsejax.masks import init as init_lib  # registers MASK_INITS
 from sparsejax.masks import structures
-from sparsejax.masks.mask import DENSE, Mask, leaf_paths, match_rules
+from sparsejax.masks.mask import DENSE, Mask, leaf_paths, match_rules, path_str
 from sparsejax.registry import DISTRIBUTIONS, MASK_INITS
 
 PyTree = Any
@@ -83,7 +83,7 @@ def leaf_structures(params_shapes_tree: PyTree, rules: Sequence[tuple[str, Any]]
   specs = {}
   flat = jax.tree_util.tree_flatten_with_path(params_shapes_tree)[0]
   for key_path, leaf in flat:
-    path = "/".join(_key(k) for k in key_path)
+    path = path_str(key_path)
     shape = _shape(leaf)
     spec = match_rules(path, rules, default=None)
     if spec is None:
@@ -93,11 +93,6 @@ def leaf_structures(params_shapes_tree: PyTree, rules: Sequence[tuple[str, Any]]
   return specs
 
 
-def _key(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _override_for(path: str, overrides: Mapping[str, float]) -> float | None:

@@ -176,18 +176,23 @@ def _frozen(mask: Any) -> bool:
   return isinstance(mask, (bool, np.bool_)) and not mask
 
 
+def _no_change(value: jax.Array) -> jax.Array:
+  """-0.0 everywhere: p + (-0.0) == p bit for bit, also for p = -0.0 (+0.0 would flip its sign)."""
+  return jnp.full_like(value, -0.0)
+
+
 def _where_rows(mask: Any, value: jax.Array) -> jax.Array:
-  """`value` where `mask` (a bool, or a row mask over its leading axes) holds, else exact 0."""
+  """`value` where `mask` (a bool, or a row mask over its leading axes) holds, else -0.0."""
   if isinstance(mask, (bool, np.bool_)):
-    return value if mask else jnp.zeros_like(value)
+    return value if mask else _no_change(value)
   mask = jnp.reshape(mask, mask.shape + (1,) * (value.ndim - mask.ndim))
-  return jnp.where(mask, value, jnp.zeros_like(value))
+  return jnp.where(mask, value, _no_change(value))
 
 
 def sparse_update(
     inner: optax.GradientTransformation, masks: Any
 ) -> optax.GradientTransformation:
-  """`inner` applied only where `masks` allows; every other entry gets an update of exactly 0.
+  """`inner` applied only where `masks` allows; every other entry gets an update of -0.0.
 
   `masks` is a tree like the params (e.g. from `masks_for`) whose leaves are Python bools (train
   or freeze the whole leaf) or bool arrays over a leaf's leading axes (a row mask [N] for an
@@ -211,7 +216,7 @@ def sparse_update(
     )
     inner_leaves = iter(jax.tree.leaves(inner_updates))
     out = jax.tree.map(
-        lambda m, g: jnp.zeros_like(g) if _frozen(m) else _where_rows(m, next(inner_leaves)),
+        lambda m, g: _no_change(g) if _frozen(m) else _where_rows(m, next(inner_leaves)),
         masks, updates,
     )
     return out, SparseUpdateState(inner_state)

@@ -184,6 +184,13 @@ class LoRAMoE(MoE, kw_only=True):
     if self.num_shared_experts:
       raise ValueError(f"lora_moe has one shared FFN by construction; num_shared_experts must "
                        f"be 0, got {self.num_shared_experts}")
+    ep_defaults = {"expert_parallel": "auto", "ep_buffer_factor": None, "ep_num_chunks": 1,
+                   "ep_exchange": "all_to_all"}
+    changed = {k: getattr(self, k) for k, v in ep_defaults.items() if getattr(self, k) != v}
+    if changed:
+      raise ValueError(f"lora_moe has no expert-parallel path (its adapters run beside one "
+                       f"shared FFN, partitioned by GSPMD); leave {sorted(changed)} at their "
+                       f"defaults, got {changed}")
 
   def _shared_params(self) -> dict[str, jax.Array]:
     """The shared FFN's weights, as DenseFFN creates them."""

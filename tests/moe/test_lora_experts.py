@@ -163,7 +163,9 @@ def test_errors():
   for kwargs, match in [({"rank": 0}, "rank"), ({"targets": ("mid",)}, "targets"),
                         ({"targets": ()}, "targets"), ({"num_shared_experts": 1}, "shared"),
                         ({"router": "avg_k"}, "avg_k"), ({"k": E + 1}, "k must"),
-                        ({"expert": "relu"}, "expert")]:
+                        ({"expert": "relu"}, "expert"),
+                        ({"expert_parallel": True}, "no expert-parallel path"),
+                        ({"ep_num_chunks": 2}, "ep_num_chunks")]:
     with pytest.raises(ValueError, match=match):
       jax.eval_shape(_make(**kwargs).init, jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match="no LoRA adapter"):
