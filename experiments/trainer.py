@@ -304,10 +304,7 @@ def mask_init_kwargs(init: str, grad_fn: Callable[[Any, Any], Any], params: Any,
                         gradients: the diagonal empirical Fisher of the batch means)
   """
   if init == "saliency":
-    step = jax.jit(lambda acc, batch: jax.tree.map(jnp.add, acc, grad_fn(params, batch)))
-    total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    for batch in batches:
-      total = step(total, batch)
+    total = masks.accumulate_grads(grad_fn, params, batches)
     return {"grads": jax.device_get(jax.tree.map(lambda g: g / len(batches), total))}
   if init == "fisher":
     return {"sq_grads": jax.device_get(masks.accumulate_sq_grads(grad_fn, params, batches))}
@@ -397,20 +394,8 @@ def _like_params(opt_state: Any, params: Any, param_shardings: Any, other: Any) 
   """Shardings for an optimizer state: a leaf whose key path ends with a param's path and has
   its shape (Adam moments, also inside masks and `optax.multi_transform`) gets that param's
   sharding; every other leaf (counts, scalars) gets `other`."""
-  by_path = {
-      jax.tree_util.keystr(path): (param.shape, sharding)
-      for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                         jax.tree.leaves(param_shardings))
-  }
-
-  def pick(path, leaf):
-    for start in range(len(path)):
-      shape, sharding = by_path.get(jax.tree_util.keystr(path[start:]), (None, None))
-      if shape == leaf.shape:
-        return sharding
-    return other
-
-  return jax.tree_util.tree_map_with_path(pick, opt_state)
+  return masks.map_param_like(lambda leaf, sharding: sharding, opt_state, params, param_shardings,
+                              other=lambda leaf: other)
 
 
 def _same_structure(loaded: Any, template: Any) -> Any:

@@ -1,10 +1,11 @@
 """Weight sparsity: mask pytrees, structures, distributions, schedules, updaters, optax wrapper,
 export to compressed layouts. See `sparsejax/masks/mask.py` for the `Mask` type."""
-from sparsejax.masks.mask import DENSE, Mask, check_mask_matches, leaf_paths, match_rules, path_str
+from sparsejax.masks.mask import (DENSE, Mask, check_mask_matches, leaf_paths, map_param_like,
+                                  match_rules, path_str)
 from sparsejax.masks.structures import (parse_structure, pattern, select, structure_count,
                                         structure_name)
 from sparsejax.masks.distributions import layer_densities, leaf_structures, make_mask
-from sparsejax.masks.init import accumulate_sq_grads
+from sparsejax.masks.init import accumulate_grads, accumulate_sq_grads
 from sparsejax.masks.oneshot import sparsegpt_prune, wanda_prune
 from sparsejax.masks.export import (from_bsr, from_condensed, restore_sparse, save_sparse, to_bsr,
                                     to_condensed)

@@ -58,6 +58,18 @@ def fisher_scores(params: PyTree, key: jax.Array | None = None,
   return jax.tree.map(lambda w, s: jnp.asarray(s, jnp.float32), params, sq_grads)
 
 
+def accumulate_grads(grad_fn: Callable[[PyTree, Any], PyTree], params: PyTree,
+                     batches: Iterable[Any],
+                     transform: Callable[[jax.Array], jax.Array] = lambda g: g) -> PyTree:
+  """sum_b transform(grad_fn(params, batch_b)), leaf by leaf, in float32."""
+  total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  step = jax.jit(lambda acc, batch: jax.tree.map(lambda a, g: a + transform(g), acc,
+                                                 grad_fn(params, batch)))
+  for batch in batches:
+    total = step(total, batch)
+  return total
+
+
 def accumulate_sq_grads(grad_fn: Callable[[PyTree, Any], PyTree], params: PyTree,
                         batches: Iterable[Any]) -> PyTree:
   """sum_b grad_fn(params, batch_b)^2, leaf by leaf: the FISH Fisher estimate.
@@ -65,12 +77,7 @@ def accumulate_sq_grads(grad_fn: Callable[[PyTree, Any], PyTree], params: PyTree
   FISH uses per-example gradients (batches of one example, or a `grad_fn` that vmaps over the
   batch and sums the squares itself).
   """
-  total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-  step = jax.jit(lambda acc, batch: jax.tree.map(lambda a, g: a + jnp.square(g), acc,
-                                                 grad_fn(params, batch)))
-  for batch in batches:
-    total = step(total, batch)
-  return total
+  return accumulate_grads(grad_fn, params, batches, jnp.square)
 
 
 def _require_tree(init: str, arg: str, params: PyTree, tree: PyTree) -> None:

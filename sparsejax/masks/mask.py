@@ -55,6 +55,31 @@ def match_rules(path: str, rules: Iterable[tuple[str, Any]], default: Any = None
   return default
 
 
+def map_param_like(fn: Any, state: PyTree, params: PyTree, per_param: PyTree,
+                   other: Any = lambda leaf: leaf) -> PyTree:
+  """`fn(leaf, v)` on each leaf of `state` shaped like a param, `other(leaf)` on the rest.
+
+  A leaf is shaped like a param when a suffix of its key path is the param's key path and the
+  shapes agree (Adam mu/nu, momentum traces, also inside chains, masked and multi_transform
+  states); `v` is that param's leaf of `per_param` (a tree like `params`: shardings, masks).
+  """
+  by_path = {
+      jax.tree_util.keystr(path): (tuple(np.shape(p)), v)
+      for (path, p), v in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                              jax.tree.leaves(per_param), strict=True)
+  }
+
+  def apply(path, leaf):
+    if hasattr(leaf, "shape"):
+      for start in range(len(path) + 1):
+        shape, value = by_path.get(jax.tree_util.keystr(path[start:]), (None, None))
+        if shape == tuple(leaf.shape):
+          return fn(leaf, value)
+    return other(leaf)
+
+  return jax.tree_util.tree_map_with_path(apply, state)
+
+
 @flax.struct.dataclass
 class Mask:
   """Boolean leaves mirroring a params tree, plus each leaf's structure name.

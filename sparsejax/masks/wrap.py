@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks.mask import Mask, check_mask_matches
+from sparsejax.masks.mask import Mask, check_mask_matches, map_param_like
 from sparsejax.masks.schedules import Schedule
 from sparsejax.masks.updaters import Updater
 
@@ -52,25 +52,11 @@ def get_mask(state: PyTree) -> Mask:
 def reset_like_params(inner: PyTree, params: PyTree, where_BOOL: PyTree) -> PyTree:
   """Zero, where `where_BOOL` is true, every leaf of `inner` that is shaped like a param.
 
-  A leaf matches a param when a suffix of its key path equals the param's key path and the
-  shapes agree (Adam mu/nu, SGD momentum traces, also inside chains and masked states).
+  Matching is `map_param_like`'s (Adam mu/nu, SGD momentum traces, also inside chains and
+  masked states).
   """
-  by_path = {
-      jax.tree_util.keystr(path): (jnp.shape(p), w)
-      for (path, p), w in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                              jax.tree.leaves(where_BOOL))
-  }
-
-  def reset(path, leaf):
-    if not hasattr(leaf, "shape"):
-      return leaf
-    for start in range(len(path) + 1):
-      shape, where = by_path.get(jax.tree_util.keystr(path[start:]), (None, None))
-      if shape is not None and shape == leaf.shape:
-        return jnp.where(where, jnp.zeros((), leaf.dtype), leaf)
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(reset, inner)
+  return map_param_like(lambda leaf, where: jnp.where(where, jnp.zeros((), leaf.dtype), leaf),
+                        inner, params, where_BOOL)
 
 
 def _zero_masked_updates(updates: PyTree, params: PyTree, mask_leaves: PyTree) -> PyTree:
