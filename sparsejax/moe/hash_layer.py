@@ -1,5 +1,4 @@
 """Hash layers: the MoE FFN routed by a fixed token-id -> expert table instead of a router."""
-import dataclasses
 from typing import ClassVar
 
 import flax.linen as nn
@@ -10,7 +9,7 @@ import numpy as np
 from sparsejax.moe import balance
 from sparsejax.moe import plan as plan_lib
 from sparsejax.moe import routing
-from sparsejax.moe.layers import MoE
+from sparsejax.moe.layers import MoE, fields_off_default
 from sparsejax.registry import FFNS
 
 HASH_TABLES = ("random", "balanced")
@@ -75,8 +74,7 @@ class HashMoE(MoE, kw_only=True):
     return routing.make_balanced_hash_table(np.asarray(self.token_frequencies), self.num_experts)
 
   def _validate(self) -> None:
-    defaults = {field.name: field.default for field in dataclasses.fields(HashMoE)}
-    changed = sorted(name for name in ROUTER_FIELDS if getattr(self, name) != defaults[name])
+    changed = sorted(fields_off_default(self, ROUTER_FIELDS))
     if changed:
       raise ValueError(f"hash_moe routes by a fixed table and has no learned router; remove "
                        f"{changed} (allowed only at their defaults)")

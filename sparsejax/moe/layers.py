@@ -1,6 +1,7 @@
 """The sparse mixture-of-experts FFN as a thin Flax Linen module over the pure MoE core."""
+import dataclasses
 import inspect
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import flax.core
 import flax.linen as nn
@@ -20,6 +21,18 @@ from sparsejax.registry import ROUTERS
 _EXPERT_INIT = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 _ROUTER_INIT = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+# The `MoE` fields of its expert-parallel path (`sparsejax.moe.parallel`).
+EP_FIELDS = ("expert_parallel", "ep_buffer_factor", "ep_num_chunks", "ep_exchange")
+
+
+def fields_off_default(module: nn.Module, names: Iterable[str]) -> dict[str, Any]:
+  """{name: value} of those dataclass fields `names` of `module` not at their declared default.
+
+  For a layer built on `MoE` that ignores some of its fields and must reject them when set.
+  """
+  defaults = {field.name: field.default for field in dataclasses.fields(type(module))}
+  return {name: getattr(module, name) for name in names if getattr(module, name) != defaults[name]}
 
 
 def expert_params(module: nn.Module, prefix: str, num: int, hidden: int,

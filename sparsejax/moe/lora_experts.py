@@ -47,7 +47,7 @@ from sparsejax.moe import dispatch
 from sparsejax.moe import experts
 from sparsejax.moe import plan as plan_lib
 from sparsejax.moe import routing
-from sparsejax.moe.layers import MoE
+from sparsejax.moe.layers import EP_FIELDS, MoE, fields_off_default
 from sparsejax.registry import FFNS
 
 TARGETS = ("in", "out")
@@ -184,9 +184,7 @@ class LoRAMoE(MoE, kw_only=True):
     if self.num_shared_experts:
       raise ValueError(f"lora_moe has one shared FFN by construction; num_shared_experts must "
                        f"be 0, got {self.num_shared_experts}")
-    ep_defaults = {"expert_parallel": "auto", "ep_buffer_factor": None, "ep_num_chunks": 1,
-                   "ep_exchange": "all_to_all"}
-    changed = {k: getattr(self, k) for k, v in ep_defaults.items() if getattr(self, k) != v}
+    changed = fields_off_default(self, EP_FIELDS)
     if changed:
       raise ValueError(f"lora_moe has no expert-parallel path (its adapters run beside one "
                        f"shared FFN, partitioned by GSPMD); leave {sorted(changed)} at their "
