@@ -80,13 +80,18 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
 
 
+def _node_at(params: Mapping[str, Any], path: str) -> Any:
+  """params["a"]["b"]... for path "a/b/..."."""
+  node = params
+  for name in path.split("/"):
+    node = node[name]
+  return node
+
+
 def table_of(params: Mapping[str, Any], layer_path: str) -> str:
   """The value table a memory layer at `layer_path` (e.g. "layer_1/ffn") reads: its own
   "layer_1/ffn/values", or the model's shared "shared_memory_values"."""
-  node = params
-  for name in layer_path.split("/"):
-    node = node[name]
-  if VALUES in node:
+  if VALUES in _node_at(params, layer_path):
     return f"{layer_path}/{VALUES}"
   if SHARED_VALUES in params:
     return SHARED_VALUES
@@ -110,11 +115,8 @@ def read_histograms(
   """{layer path: (c_N, m_N)} of `pkm.slot_histograms` for every memory layer in `access`."""
   out = {}
   for layer, (idx, weights) in layer_reads(access).items():
-    path = table_of(params, layer)
-    node = params
-    for name in path.split("/"):
-      node = node[name]
-    out[layer] = pkm.slot_histograms(idx, weights, nn.meta.unbox(node).shape[0])
+    table = _node_at(params, table_of(params, layer))
+    out[layer] = pkm.slot_histograms(idx, weights, nn.meta.unbox(table).shape[0])
   return out
 
 
