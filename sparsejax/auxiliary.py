@@ -9,6 +9,9 @@ of its sublayers with `merge_aux`, prefixing each key with the sublayer's path, 
 """
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 Aux = dict[str, dict[str, Any]]
 AUX_KINDS = ("losses", "metrics")
 
@@ -37,3 +40,22 @@ def merge_aux(prefix: str, aux: Aux, into: Aux) -> Aux:
         raise ValueError(f"aux {kind} key {key!r} is already present")
       merged[kind][key] = value
   return merged
+
+
+def total_aux_loss(aux: Any) -> Any:
+  """The sum of every loss in an aux dict, however nested: each leaf under any "losses" key.
+
+  Works on a layer's `(output, aux)` aux, a model's merged aux, or any dict of them (e.g.
+  `{"moe": moe_aux, "memory": pkm_aux}`); a float32 zero when there are no losses.
+  `loss = task_loss + sparsejax.total_aux_loss(aux)` is what the trainer optimises.
+  """
+  total = jnp.zeros((), jnp.float32)
+  if not isinstance(aux, dict):
+    return total
+  for key, value in aux.items():
+    if key == "losses":
+      total = total + sum((jnp.sum(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(value)),
+                          jnp.zeros((), jnp.float32))
+    else:
+      total = total + total_aux_loss(value)
+  return total
