@@ -9,9 +9,11 @@ Split: a fixed, seeded, stratified hold-out. For each class c with n_c images (i
 round(TEST_FRACTION * n_c) go to "test", the rest to "train"; each split keeps stored order.
 That gives 1438 train and 359 test images, identical on every machine.
 
-Batches have the trainer's shape: {"inputs": float32 [B, 64], "targets": int32 [B],
-"weights": float32 [B]} (weight 0 marks padding). Training order comes from
-`experiments.data.IndexSampler`, so the data state is one integer position.
+A split is an `ArrayDataset`, a random-access source for `experiments.data.loader`: `ds[i]` is
+the example {"inputs": float32 [64], "targets": int32 [], "weights": float32 [] = 1}. Batches
+have the trainer's shape: {"inputs": float32 [B, 64], "targets": int32 [B], "weights":
+float32 [B]} (weight 0 marks padding). `train_batch` (order from `experiments.data.IndexSampler`)
+is the previous training path, kept until every caller uses the loader.
 """
 import dataclasses
 import functools
@@ -31,14 +33,33 @@ MAX_PIXEL = 16.0
 
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
-  """An in-memory classification split: inputs float32 [N, D], labels int32 [N]."""
+  """An in-memory classification split: inputs float32 [N, D], labels int32 [N].
+
+  A random-access source of examples: `len(ds)` is N and `ds[i]` example i's
+  {"inputs": float32 [D], "targets": int32 [], "weights": float32 [] = 1.0}.
+  `name` and `split` (e.g. "digits", "train") are for `summary`.
+  """
 
   inputs: np.ndarray
   labels: np.ndarray
+  name: str = ""
+  split: str = ""
 
   @property
   def num_examples(self) -> int:
     return len(self.labels)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {"inputs": self.inputs[i], "targets": np.asarray(self.labels[i], np.int32),
+            "weights": np.ones((), np.float32)}
+
+  def summary(self) -> str:
+    """One line for a start-up banner: name[split], examples, features."""
+    return (f"{self.name}[{self.split}]: {self.num_examples:,} examples of"
+            f" {self.inputs.shape[1]} features")
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +88,7 @@ def load_digits(split: str) -> ArrayDataset:
   """The "train" or "test" split: inputs x / 16 in [0, 1], float32 [N, 64]; labels int32 [N]."""
   images, labels = _raw()
   idx = split_indices(labels, split)
-  return ArrayDataset(images[idx] / MAX_PIXEL, labels[idx])
+  return ArrayDataset(images[idx] / MAX_PIXEL, labels[idx], name=NAME, split=split)
 
 
 def _batch(ds: ArrayDataset, indices: np.ndarray, num_real: int) -> dict[str, np.ndarray]:

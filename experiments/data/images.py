@@ -10,8 +10,9 @@ the network) with
 
 A split becomes a `digits.ArrayDataset`: inputs the flattened pixels scaled to [0, 1]
 (x / 255), float32 [N, H*W*C] in (h, w, c) order; labels int32 [N] in [0, num_classes); records
-in stored order. The trainer then batches it exactly like the digits (`digits.train_batch`,
-`digits.eval_batches`).
+in stored order. It is the same random-access source as the digits (`ds[i]` = {"inputs":
+float32 [H*W*C], "targets": int32 [], "weights": float32 []}, read by `experiments.data.loader`)
+and is evaluated with `digits.eval_batches`.
 
 The whole split is held in memory as float32, at most `MAX_IN_MEMORY_BYTES` (1 GiB) per split:
 mnist's train split is 60,000 x 784 x 4 B = 188 MB, cifar10's 50,000 x 3072 x 4 B = 614 MB.
@@ -116,4 +117,4 @@ def load_images(name: str, split: str, *, data_dir: str | None = None) -> digits
   inputs /= MAX_PIXEL
   logging.info("Read %d images of %s[%s] in %.1f s", len(labels), name, split,
                time.perf_counter() - clock)
-  return digits.ArrayDataset(inputs, labels)
+  return digits.ArrayDataset(inputs, labels, name=name, split=split)

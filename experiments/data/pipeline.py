@@ -5,9 +5,13 @@ EOS_ID, records in stored order. With T = seq_len and N stream tokens, window i 
 stream[i*T : i*T + T + 1], padded with PAD_ID past the end; there are num_windows =
 ceil((N - 1) / T) windows, so every stream token but the first is a target exactly once.
 
-Training order comes from `IndexSampler`: an infinite sequence of window indices whose element at
-position p is perm(seed, p // num_windows)[p % num_windows]. The data state of a run is that one
-integer position, so a checkpoint resumes the exact batch sequence.
+A `WindowDataset` is a random-access source for `experiments.data.loader`, which reads the
+training batches through Grain: `len(ds)` windows, `ds[i]` the example {"inputs": int32 [T],
+"targets": int32 [T], "weights": float32 [T]} of window i (targets shifted by one, weight 0
+where the target is PAD_ID). `eval_batches` gives deterministic evaluation batches.
+
+`IndexSampler` and `train_batch` are the previous training order (a NumPy permutation per
+epoch, every host reading the whole global batch), kept until every caller uses the loader.
 
 Data comes from TFDS array_record files through `builder.as_data_source()` (random access, no
 TensorFlow). Per-record token offsets let `window(i)` read only the records it overlaps; splits
@@ -99,7 +103,12 @@ def _cached_offsets(
 class WindowDataset:
   """Fixed-length token windows over one split, read as a single token stream.
 
+  A random-access source of examples: `len(ds)` is num_windows and `ds[i]` window i's example
+  {"inputs": int32 [T], "targets": int32 [T], "weights": float32 [T]}.
+
   Attributes:
+    name: the dataset's name, e.g. "python_stdlib" ("" when built from plain records).
+    split: the split read, e.g. "train[:10%]" ("" when built from plain records).
     seq_len: T; a window holds T + 1 tokens (inputs are its first T, targets its last T).
     num_tokens: N, the length of the stream (text bytes plus one EOS per record).
     num_windows: ceil((N - 1) / T).
@@ -115,6 +124,8 @@ class WindowDataset:
       in_memory: bool = True,
       offsets_path: epath.Path | None = None,
       metadata: Mapping[str, Any] | None = None,
+      name: str = "",
+      split: str = "",
   ):
     """Indexes `source` (records with a text feature) into windows.
 
@@ -126,8 +137,12 @@ class WindowDataset:
         token); otherwise keep only record offsets and read a window's records on demand.
       offsets_path: where to cache the record offsets when not `in_memory`; None: no cache.
       metadata: the dataset's metadata, exposed as `self.metadata`.
+      name: the dataset's name, for `summary`.
+      split: the split read, for `summary`.
     """
     _check_positive("seq_len", seq_len)
+    self.name = name
+    self.split = split
     self.seq_len = seq_len
     self.metadata = dict(metadata or {})
     self._source = source
@@ -152,6 +167,18 @@ class WindowDataset:
     if pieces is not None:
       self._stream = np.full(self.num_windows * seq_len + 1, PAD_ID, np.uint16)
       self._stream[: self.num_tokens] = np.concatenate(pieces)
+
+  def __len__(self) -> int:
+    return self.num_windows
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    """Window `i` as an example: inputs, targets int32 [T], weights float32 [T]."""
+    return _make_examples(self.window(i))
+
+  def summary(self) -> str:
+    """One line for a start-up banner: name[split], windows, tokens."""
+    return (f"{self.name}[{self.split}]: {self.num_windows:,} windows of {self.seq_len} tokens"
+            f" ({self.num_tokens:,} tokens)")
 
   def token_counts(self, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in the stream: int64 [vocab_size] (one pass if on demand)."""
@@ -260,6 +287,8 @@ def load_windows(
       in_memory=in_memory,
       offsets_path=None if in_memory else _offsets_path(builder, split, text_key),
       metadata=builder.info.metadata,
+      name=name,
+      split=split,
   )
 
 
@@ -300,18 +329,18 @@ class IndexSampler:
     return out
 
 
-def _make_batch(windows_BL: np.ndarray) -> dict[str, np.ndarray]:
-  """A training batch from windows [B, T + 1]: inputs, targets (shifted by one), weights.
+def _make_examples(windows_L: np.ndarray) -> dict[str, np.ndarray]:
+  """Examples from windows [..., T + 1]: inputs, targets (shifted by one), weights.
 
   Returns:
-    {"inputs": int32 [B, T], "targets": int32 [B, T], "weights": float32 [B, T]} with weights
-    0.0 where the target is PAD_ID, else 1.0.
+    {"inputs": int32 [..., T], "targets": int32 [..., T], "weights": float32 [..., T]} with
+    weights 0.0 where the target is PAD_ID, else 1.0.
   """
-  targets_BT = windows_BL[:, 1:].astype(np.int32)
+  targets_T = windows_L[..., 1:].astype(np.int32)
   return {
-      "inputs": windows_BL[:, :-1].astype(np.int32),
-      "targets": targets_BT,
-      "weights": (targets_BT != PAD_ID).astype(np.float32),
+      "inputs": windows_L[..., :-1].astype(np.int32),
+      "targets": targets_T,
+      "weights": (targets_T != PAD_ID).astype(np.float32),
   }
 
 
@@ -328,7 +357,7 @@ def train_batch(
         f"sampler.num_windows={sampler.num_windows} does not match the dataset's"
         f" num_windows={ds.num_windows}"
     )
-  return _make_batch(ds.windows(sampler.indices(position, batch_size)))
+  return _make_examples(ds.windows(sampler.indices(position, batch_size)))
 
 
 def eval_batches(
@@ -351,6 +380,6 @@ def eval_batches(
   filler = (-len(windows_NL)) % batch_size
   windows_NL = np.concatenate([windows_NL, np.full((filler, ds.seq_len + 1), PAD_ID, np.int32)])
   return [
-      _make_batch(windows_NL[start : start + batch_size])
+      _make_examples(windows_NL[start : start + batch_size])
       for start in range(0, len(windows_NL), batch_size)
   ]

@@ -8,9 +8,10 @@ only, so it is the same on every run and machine.
 
 Nothing is downloaded and TensorFlow is not needed: prepare with
 `PythonStdlib(data_dir=..., file_format="array_record").download_and_prepare()` and read
-with `builder.as_data_source()`. The builder config is named after the full Python version
-(`py3_11_7`), so another Python never reuses a corpus prepared by this one; the version is
-also in `builder.info.metadata["python_version"]`.
+with `builder.as_data_source()`. Preparing prints one line of its own before and one after,
+instead of TFDS's "Downloading and preparing dataset" (nothing is downloaded). The builder
+config is named after the full Python version (`py3_11_7`), so another Python never reuses a
+corpus prepared by this one; the version is also in `builder.info.metadata["python_version"]`.
 """
 import hashlib
 import os
@@ -90,6 +91,15 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(python_version=platform.python_version()),
     )
+
+  def _log_download_bytes(self) -> None:
+    """Announces the preparation (TFDS would print "Downloading and preparing dataset")."""
+    num_files = len(list_sources(stdlib_root()))
+    print(f"preparing the embedded corpus {NAME} ({num_files} files of Python"
+          f" {platform.python_version()}) ...", flush=True)
+
+  def _log_download_done(self) -> None:
+    print(f"prepared {NAME} in {self.data_dir}", flush=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.

@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import data
+from experiments.data import loader
 from experiments.data import pipeline
 from experiments.data import stdlib_corpus
 
@@ -92,6 +93,18 @@ def test_corpus_stores_file_bytes_exactly(stdlib_records):
   for record in records:
     assert record["text"] == (STDLIB / record["path"].decode()).read_bytes()
   assert any(max(r["text"], default=0) > 127 for r in records)  # non-ASCII files included
+
+
+def test_preparing_the_corpus_prints_our_line_not_tfds_download(tmp_path, capfd):
+  data.load_windows("python_stdlib", "validation", 8, data_dir=str(tmp_path))
+  out = capfd.readouterr().out
+  assert "Downloading and preparing" not in out and "downloaded and prepared" not in out
+  version = platform.python_version()
+  assert (f"preparing the embedded corpus python_stdlib ({len(reference_paths())} files of Python"
+          f" {version}) ...\n") in out
+  assert f"prepared python_stdlib in {tmp_path}/python_stdlib/" in out
+  data.load_windows("python_stdlib", "validation", 8, data_dir=str(tmp_path))
+  assert "python_stdlib" not in capfd.readouterr().out  # prepared once
 
 
 def test_corpus_records_python_version(stdlib_dir):
@@ -189,6 +202,26 @@ def test_train_batch_layout(stdlib_dir):
       "targets": ((64, 32), np.int32),
       "weights": ((64, 32), np.float32),
   }
+
+
+def test_windows_are_a_random_access_source_of_examples(stdlib_dir):
+  ds = data.load_windows("python_stdlib", "validation", 32, data_dir=stdlib_dir)
+  assert len(ds) == ds.num_windows
+  assert ds.summary() == (f"python_stdlib[validation]: {ds.num_windows:,} windows of 32 tokens"
+                          f" ({ds.num_tokens:,} tokens)")
+  last = ds[ds.num_windows - 1]
+  window = ds.window(ds.num_windows - 1)
+  assert {k: (v.shape, v.dtype) for k, v in last.items()} == {
+      "inputs": ((32,), np.int32), "targets": ((32,), np.int32), "weights": ((32,), np.float32)}
+  np.testing.assert_array_equal(last["inputs"], window[:-1])
+  np.testing.assert_array_equal(last["targets"], window[1:])
+  np.testing.assert_array_equal(last["weights"], np.where(window[1:] == PAD, 0.0, 1.0))
+  assert 0 < np.sum(last["weights"] == 0) < 32  # the padded last window
+  batch = next(loader.make_train_iterator(ds, global_batch_size=4, seed=1, rows=[0, 2, 3]))
+  order = loader.global_order(ds.num_windows, 1)
+  windows = ds.windows([order[p] for p in (0, 2, 3)])
+  np.testing.assert_array_equal(batch["inputs"], windows[:, :-1])
+  np.testing.assert_array_equal(batch["targets"], windows[:, 1:])
 
 
 def test_eval_batches_are_evenly_spaced(stdlib_dir):

@@ -5,6 +5,7 @@ from sklearn import datasets
 
 from experiments import data
 from experiments.data import digits
+from experiments.data import loader
 
 RAW = datasets.load_digits()
 
@@ -45,6 +46,21 @@ def test_train_batch_follows_the_sampler():
   np.testing.assert_array_equal(batch["inputs"], train.inputs[idx])
   np.testing.assert_array_equal(batch["targets"], train.labels[idx])
   np.testing.assert_array_equal(batch["weights"], np.ones(16, np.float32))
+
+
+def test_split_is_a_random_access_source_of_examples():
+  train = digits.load_digits("train")
+  assert len(train) == 1438
+  assert train.summary() == "digits[train]: 1,438 examples of 64 features"
+  example = train[5]
+  assert {k: (v.shape, v.dtype) for k, v in example.items()} == {
+      "inputs": ((64,), np.float32), "targets": ((), np.int32), "weights": ((), np.float32)}
+  np.testing.assert_array_equal(example["inputs"], train.inputs[5])
+  assert example["targets"] == train.labels[5] and example["weights"] == 1.0
+  batch = next(loader.make_train_iterator(train, global_batch_size=8, seed=0, rows=[6, 7]))
+  order = loader.global_order(len(train), 0)
+  np.testing.assert_array_equal(batch["targets"], train.labels[[order[6], order[7]]])
+  np.testing.assert_array_equal(batch["weights"], [1.0, 1.0])
 
 
 def test_eval_batches_cover_every_example_once():

@@ -83,6 +83,8 @@ def test_real_array_record_dataset_is_decoded_flattened_and_scaled(tiny_dir):
                   for image, label in tiny_examples(split))
     assert got == want
     np.testing.assert_array_equal(ds.inputs * 255, np.round(ds.inputs * 255))  # exactly x / 255
+    assert (len(ds), ds.name, ds.split) == (size, TINY, split)
+    assert ds.summary() == f"{TINY}[{split}]: {size} examples of 36 features"
   head = images.load_images(TINY, "train[:50%]", data_dir=tiny_dir)
   full = images.load_images(TINY, "train", data_dir=tiny_dir)
   np.testing.assert_array_equal(head.inputs, full.inputs[:6])
@@ -115,7 +117,8 @@ def test_trainer_classifies_mnist(mock_mnist, tmp_path):
   with mock_mnist(20):  # the splits are read into memory here
     t = trainer_lib.Trainer(c, str(workdir), jax.devices()[:1])
   try:
-    assert t.train_data.inputs.shape == (20, 784) and t.eval_data.num_examples == 20
+    assert t.task.train_source.inputs.shape == (20, 784)
+    assert sum(batch["weights"].sum() for batch in t.task.eval_batches) == 20
     summary = t.run()
   finally:
     t.close()
