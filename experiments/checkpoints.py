@@ -1,21 +1,37 @@
-"""Orbax checkpointing of the train state plus JSON metadata (step, data position, config).
+"""Orbax checkpointing of the train state plus JSON metadata (step, data state, config).
 
 Saves are atomic (Orbax writes to a temporary directory and renames); the state is restored
 directly into the shardings of the current mesh, so a checkpoint written on one mesh restores
-on another.
+on another. `restore_latest` fails safe: a step that does not restore (a partial or corrupt
+folder, a stray folder beside the good ones) is reported in one line, moved to
+`workdir/unreadable_checkpoints/`, and the next older step is tried.
 """
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """The workdir holds checkpoints and none of them restores."""
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 class Checkpoints:
   """The `workdir/checkpoints` manager: periodic saves, keeps the last `keep`, restores the latest."""
 
   def __init__(self, workdir: str, keep: int = 1, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -41,6 +57,37 @@ class Checkpoints:
         ),
     )
     return restored.state, restored.meta
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """(state, metadata, step) of the newest step that restores; None when there is no step.
+
+    Raises CheckpointError when there are steps and none restores (nothing is started afresh
+    over them).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        state, meta = self.restore(step, abstract_state)
+        jax.block_until_ready(state)
+        return state, meta, step
+      except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds on bad data)
+        moved = self._set_aside(step)
+        print(f"warning: checkpoint step {step} does not restore ({_first_line(e)}); moved to "
+              f"{moved}, trying an older step", flush=True)
+    if steps:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores (steps {', '.join(map(str, steps))} "
+          f"moved to {os.path.join(self.workdir, UNREADABLE_DIR)}); rerun to start afresh")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step `step`'s folder out of the checkpoint directory; returns where it went."""
+    target = os.path.join(self.workdir, UNREADABLE_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def restore_params(self, step: int) -> Any:
     """The params saved at `step`, as host arrays in their saved structure (no target needed)."""

@@ -5,6 +5,7 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -32,8 +33,11 @@ class MetricsWriter:
   metrics.jsonl and TensorBoard keep every layer's value.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Records after `resume_step` (left by a run killed after its last checkpoint, which the
+    resumed run replays) are dropped, so the file keeps exactly one record per logged step."""
     self.path = os.path.join(workdir, "metrics.jsonl")
+    _drop_records_after(self.path, resume_step)
     self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any], eta_seconds: float | None = None) -> None:
@@ -50,6 +54,48 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _record_step(line: str) -> int | None:
+  """The step of one metrics.jsonl line; None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def layer_order(key: str) -> tuple[int, str]:
+  """Sort key putting `.../layer_<i>/...` keys in layer order."""
+  match = re.search(r"layer_(\d+)/", key)
+  return (int(match[1]) if match else -1, key)
+
+
+def banner(mesh, task, param_counts: tuple[int, int], step: int, num_steps: int) -> str:
+  """The start-up lines: devices and mesh, parameters, data, and where the run starts."""
+  devices = mesh.devices.flatten()
+  kinds = sorted({d.device_kind for d in devices})
+  axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  total, active = param_counts
+  per = "token" if task.unit == "tokens" else "example"
+  start = f"resuming at step {step}" if step else "starting at step 0"
+  return "\n".join([
+      f"devices: {len(devices)} x {', '.join(kinds)} in {jax.process_count()} process(es); mesh {axes}",
+      f"model: {total:,} parameters, {active:,} active per {per}",
+      f"data: {task.description}",
+      f"task: {task.config.task}, {num_steps} steps, {start}; compiling ...",
+  ])
 
 
 _LAYER_KEY = re.compile(r"^(\w+)/layer_\d+/(.+)$")
@@ -69,7 +115,8 @@ def average_over_layers(scalars: dict[str, float]) -> dict[str, float]:
 
 def _console_line(step: int, scalars: dict[str, float], eta_seconds: float | None) -> str:
   scalars = average_over_layers(scalars)
-  first = ("train/loss", "eval/loss", "eval/bpb", "steps_per_sec", "tokens_per_sec")
+  first = ("train/loss", "eval/loss", "eval/bpb", "eval/accuracy", "steps_per_sec",
+           "tokens_per_sec", "examples_per_sec")
   keys = [k for k in first if k in scalars] + sorted(k for k in scalars if k not in first)
   parts = [f"step {step}"] + [f"{k}={scalars[k]:.4g}" for k in keys]
   if eta_seconds is not None:

@@ -1,9 +1,16 @@
 """Train a model: `python -m experiments.train --config=experiments/configs/lm_dense.py --workdir=DIR`.
 
-Every config field can be overridden on the command line, e.g. `--config.train.num_steps=100`
-or `--config.mesh.fsdp=2`. The run resumes from `DIR/checkpoints` if it holds a checkpoint.
-Bad input (unknown config key, impossible mesh, unwritable workdir) and a NaN/inf loss stop the
-run with a one-line `error:` message and exit status 1.
+Every config field can be overridden on the command line, e.g. `--config.train.num_steps=100`,
+`--config.mesh.fsdp=2`, a field whose default is None (`--config.model.ffn.capacity_factor=1.25`)
+or a new argument of the chosen layer (`--config.model.ffn.jitter=0.1`); a config file may take
+an argument, `--config=experiments/configs/sparse_mlp.py:rigl`. The run resumes from
+`DIR/checkpoints` if it holds a checkpoint (and `DIR/config.json` matches, see
+`experiments.run_config`).
+
+Exit status: 0 when the run reached `train.num_steps`; 1 with a one-line `error:` message for bad
+input (unknown config key, impossible mesh, unwritable workdir, a workdir of another model) or a
+NaN/inf loss; EXIT_PREEMPTED (75, EX_TEMPFAIL) when SIGTERM/SIGINT stopped it early after
+saving a checkpoint: rerun the same command to resume.
 
 Multi-host (Cloud TPU pod slices, several GPU nodes): every host runs the same command;
 `--distributed` (auto | true | false, default auto) calls `jax.distributed.initialize()` before
@@ -18,11 +25,14 @@ from typing import Mapping
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file with get_config(), e.g. experiments/configs/lm_dense.py."
-)
+from experiments import run_config
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early with a checkpoint saved; requeue
+
+_CONFIG = flags.DEFINE_string(
+    "config", None, "Path to a config file with get_config(), e.g. experiments/configs/lm_dense.py "
+    "(FILE:ARG calls get_config(ARG)); override fields with --config.a.b=VALUE.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/sparsejax", "Directory for checkpoints and metrics.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "true", "false"],
@@ -87,49 +97,39 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
-def _unknown_override(argv: list[str]) -> str | None:
-  """The first `--config.a.b=v` whose key path is not in the config file, described."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return None
-  path, _, config_arg = spec.partition(":")  # "file.py:arg" calls get_config("arg")
-  get_config = runpy.run_path(path)["get_config"]
-  config = get_config(config_arg) if config_arg else get_config()
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    node, key = config, arg[len("--config."):].split("=", 1)[0]
-    for part in key.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        allowed = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-        return f"unknown config key {key!r} in {arg}; allowed at {part!r}: {allowed}"
-      node = node[part]
-  return None
+_OVERRIDES: list[str] = []  # the --config.a.b=v arguments, applied after the file is loaded
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flags, with the `--config.*` overrides set aside for `run_config.apply_overrides`."""
+  _OVERRIDES[:] = [a for a in argv[1:] if a.startswith("--config.")]
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a config file that raised: its first line and the exception line
-    lines = str(e).strip().splitlines()
-    _fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else str(e))
-  except Exception as e:  # pylint: disable=broad-except  (a bad override raises KeyError & co.)
-    try:
-      described = _unknown_override(argv)
-    except Exception:  # pylint: disable=broad-except
-      described = None
-    _fail(described or f"cannot apply the command-line config ({type(e).__name__}: {e})")
+    return flags.FLAGS([a for a in argv if not a.startswith("--config.")])
+  except flags.Error as e:
+    _fail(str(e))
+
+
+def load_config(spec: str, overrides: list[str]):
+  """The config of `--config=FILE[:ARG]` with `overrides` applied; ConfigError when unusable."""
+  path, _, arg = spec.partition(":")
+  try:
+    get_config = runpy.run_path(path)["get_config"]
+    config = get_config(arg) if arg else get_config()
+  except Exception as e:  # pylint: disable=broad-except  (a config file may raise anything)
+    raise run_config.ConfigError(f"cannot load --config={spec} ({type(e).__name__}: {e})") from None
+  run_config.apply_overrides(config, overrides)
+  return config
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = _CONFIG.value
-  except Exception as e:  # pylint: disable=broad-except  (unreadable config file)
-    _fail(f"cannot load --config ({type(e).__name__}: {e})")
-  if config is None:
+  if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=experiments/configs/lm_dense.py")
+  try:
+    config = load_config(_CONFIG.value, _OVERRIDES)
+  except run_config.ConfigError as e:
+    _fail(str(e))
   if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (Orbax) off the console
     logging.set_verbosity(logging.WARNING)
   try:
@@ -140,8 +140,12 @@ def main(argv):
 
   try:
     summary = trainer.train(config, _WORKDIR.value)
-  except (trainer.ConfigError, trainer.NonFiniteLossError) as e:
+  except (trainer.ConfigError, trainer.NonFiniteLossError, trainer.ckpt_lib.CheckpointError) as e:
     _fail(str(e))
+  if summary["preempted"]:
+    print(f"preempted at step {summary['step']} (checkpoint saved); rerun the same command to "
+          f"resume; exit status {EXIT_PREEMPTED}", flush=True)
+    sys.exit(EXIT_PREEMPTED)
   print(f"done at step {summary['step']}: " + ", ".join(
       f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("eval/")), flush=True)
 

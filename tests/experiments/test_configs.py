@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from experiments import data
+from experiments import run_config
+from experiments import tasks
 from experiments import trainer
 from sparsejax import masks
 from sparsejax import models
@@ -26,13 +28,13 @@ def test_every_config_is_listed():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_its_model(path):
   config = runpy.run_path(str(path))["get_config"]()
-  trainer.check_config(config)
+  run_config.check_config(config, tasks.TASKS)
   if config.task == "classify":
     _check_classifier(config)
     return
   model_config = config.model
   if model_config.ffn.get("token_frequencies") == "train":
-    model_config = trainer.with_data_statistics(model_config, _UniformCounts())
+    model_config = tasks.lm.with_data_statistics(model_config, _UniformCounts())
   model = models.build_lm(model_config, vocab_size=data.VOCAB_SIZE)
   tokens = jnp.zeros((1, config.train.seq_len), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)

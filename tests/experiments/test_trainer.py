@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import metrics as metrics_lib
+from experiments import train as train_cli
 from experiments import trainer as trainer_lib
 from experiments.configs import base
 
@@ -177,7 +178,7 @@ def test_cli_errors_are_one_line(stdlib_data_dir, tmp_path, overrides, message):
   assert "Traceback" not in stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stdlib_data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(stdlib_data_dir, tmp_path):
   proc = _cli(stdlib_data_dir, tmp_path, "--config.train.num_steps=100000",
               "--config.train.log_every=1", "--config.checkpoint.every=100000")
   deadline = time.time() + 120
@@ -185,10 +186,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stdlib_data_dir, tmp_path)
     assert time.time() < deadline, "training never logged a step"
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == train_cli.EXIT_PREEMPTED, stderr
   saved = saved_steps(tmp_path)
   assert len(saved) == 1 and saved[0] >= 1
+  assert f"preempted at step {saved[0]} (checkpoint saved)" in stdout
   last_logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"]
   assert saved[0] >= last_logged
 
@@ -246,8 +248,8 @@ def test_init_from_workdir_copies_params_and_resets_the_rest(stdlib_data_dir, tm
   config = tiny_config(stdlib_data_dir)
   config.init.from_workdir = str(tmp_path / "source")
   t = trainer_lib.Trainer(config, str(tmp_path / "warm"), jax.devices()[:1])
-  state, position = t.restore_or_init()
-  assert position == 0 and int(state["step"]) == 0
+  state = t.restore_or_init()
+  assert t.data.get_state() == t._train_iterator(t.rows).get_state() and int(state["step"]) == 0
   assert_trees_close(jax.device_get(state["params"]), source_params, rtol=0)
   mu = jax.tree.leaves(jax.device_get(state["opt_state"][1][0].mu))
   assert all(np.all(m == 0) for m in mu)  # fresh Adam moments
@@ -263,10 +265,8 @@ def test_init_from_workdir_errors(stdlib_data_dir, tmp_path):
   config = tiny_config(stdlib_data_dir)
   config.model.d_ff = 48
   config.init.from_workdir = str(tmp_path / "source")
-  t = trainer_lib.Trainer(config, str(tmp_path / "b"), jax.devices()[:1])
   with pytest.raises(trainer_lib.ConfigError, match=r"has shape \(32, 64\), this model needs \(32, 48\)"):
-    t.restore_or_init()
-  t.close()
+    trainer_lib.Trainer(config, str(tmp_path / "b"), jax.devices()[:1])
 
 
 def test_memory_values_get_their_own_learning_rate(stdlib_data_dir, tmp_path):
@@ -311,7 +311,6 @@ def test_upcycled_moe_starts_with_the_dense_models_eval_loss(stdlib_data_dir, tm
   config = tiny_moe_config(stdlib_data_dir, expert="ffn", router_kwargs={"renormalize": True})
   config.init.update(from_workdir=str(tmp_path / "dense"), upcycle=True)
   t = trainer_lib.Trainer(config, str(tmp_path / "moe"), jax.devices()[:1])
-  state, _ = t.restore_or_init()
-  moe_eval = t.evaluate(state)
+  moe_eval = t.evaluate(t.restore_or_init())
   t.close()
   assert moe_eval["eval/loss"] == pytest.approx(dense_eval["eval/loss"], rel=1e-5)

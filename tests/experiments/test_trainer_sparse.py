@@ -111,9 +111,12 @@ def test_masks_survive_checkpoint_restore_and_mesh_change(tmp_path):
              zip(jax.tree.leaves(saved.leaves), jax.tree.leaves(t.initial_mask.leaves)))
 
   t = trainer_for(tiny_config("set"), tmp_path, devices=1)  # restore on one device
-  state, position = t.restore_or_init()
+  state = t.restore_or_init()
   restored = masks.get_mask(state["opt_state"])
-  assert position == 4 * 16 and restored.structures == saved.structures
+  advanced = t._train_iterator(t.rows)
+  for _ in range(4):
+    next(advanced)
+  assert t.data.get_state() == advanced.get_state() and restored.structures == saved.structures
   for a, b in zip(jax.tree.leaves(restored.leaves), jax.tree.leaves(saved.leaves)):
     assert a.dtype == np.bool_
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -124,12 +127,12 @@ def test_masks_survive_checkpoint_restore_and_mesh_change(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update({"task": "regress"}), "config.task='regress'; allowed: lm, classify"),
+    (lambda c: c.update({"task": "regress"}), "config.task='regress'; allowed: classify, lm"),
     (lambda c: c.data.update(name="python_stdlib"), "'python_stdlib' is not a classification"),
     (lambda c: c.classifier.update(name="nope"), "unknown model 'nope'"),
     (lambda c: c.sparsity.update(density=0.0), r"density=0.0.*\(0, 1\]"),
-    (lambda c: c.sparsity.update(init="snap"), "sparsity.init='snap'; allowed in the "
-                                               "trainer: random, magnitude, saliency, fisher"),
+    (lambda c: c.sparsity.update(init="snap"), "config.sparsity.init: unknown mask init 'snap'; "
+                                               "allowed: fisher, magnitude, random, saliency"),
     (lambda c: c.sparsity.update(init="fisher", init_batches=0), "init_batches=0 must be >= 1"),
     (lambda c: c.sparsity.updater.update(name="nope"), "unknown mask updater 'nope'"),
     (lambda c: setattr(c.sparsity, "schedule", ml_collections.ConfigDict(
@@ -217,15 +220,10 @@ def test_gradient_scored_initial_mask_is_top_k_of_numpy_scores(tmp_path, init, d
   config.sparsity.update(init=init, distribution=distribution, init_batches=3)
   t = trainer_for(config, tmp_path)
   mask = t.initial_mask.flat()
-  params = jax.device_get(t._initial_params()[0])  # the seed's fresh init
+  params = t._init_params  # the seed's fresh init
+  batches = t._train_iterator(np.arange(16))
   t.close()
-  train = digits.load_digits("train")
-  sampler = trainer_lib.data_lib.IndexSampler(train.num_examples, config.seed)
-  grads = []
-  for b in range(3):  # the first three training batches of 16
-    idx = sampler.indices(16 * b, 16)
-    grads.append(_numpy_kernel_grads(params, {"inputs": train.inputs[idx],
-                                              "targets": train.labels[idx]}))
+  grads = [_numpy_kernel_grads(params, next(batches)) for _ in range(3)]  # the first 3 batches
   weights = {p: np.asarray(params[p.split("/")[0]]["kernel"], np.float64) for p in KERNELS}
   if init == "saliency":  # |w (mean_b g_b)|
     scores = {p: np.abs(weights[p] * np.mean([g[p] for g in grads], axis=0)) for p in KERNELS}
@@ -249,14 +247,14 @@ def test_warm_start_magnitude_mask_is_built_on_the_loaded_params(tmp_path):
   t = trainer_for(source_config, tmp_path / "source")
   source_state = t.init_state()
   loaded = jax.device_get(source_state["params"])
-  t.save(source_state, 1, 0)
+  t.save(source_state, 1)
   t.close()
 
   config = tiny_config("static")
   config.sparsity.update(init="magnitude", distribution="global")
   config.init.from_workdir = str(tmp_path / "source")
   t = trainer_for(config, tmp_path / "warm")
-  state, _ = t.restore_or_init()
+  state = t.restore_or_init()
   mask = t.initial_mask.flat()
   state = jax.device_get(state)
   t.close()

@@ -1,0 +1,123 @@
+"""The run's optimizer: AdamW with warmup and cosine decay, and the sparse-training wrapper.
+
+`make_optimizer(config.train)` is what every run uses; with `config.sparsity.enabled`,
+`make_sparse_optimizer` wraps it in `sparsejax.masks.wrap` (the mask lives in the optimizer
+state, so it is checkpointed and sharded with it).
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sparsejax import masks
+from sparsejax import memory
+
+# The random initial mask draws from fold_in(PRNGKey(config.seed), MASK_RNG_STREAM).
+MASK_RNG_STREAM = 1
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                              optax.Schedule]:
+  """AdamW with linear warmup then cosine decay, after global-norm gradient clipping.
+
+  With `memory_value_learning_rate`, product-key memory value tables get their own AdamW whose
+  schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
+  The warmup is capped at num_steps - 1 so that short runs still decay.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=train.learning_rate,
+      warmup_steps=min(train.warmup_steps, train.num_steps - 1),
+      decay_steps=train.num_steps,
+      end_value=train.learning_rate * train.end_lr_fraction,
+  )
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  make_adamw = lambda lr: optax.adamw(lr, b1=train.b1, b2=train.b2,
+                                      weight_decay=train.weight_decay, mask=decay_mask)
+  if train.memory_value_learning_rate is None:
+    update = make_adamw(schedule)
+  else:
+    ratio = train.memory_value_learning_rate / train.learning_rate
+    update = memory.make_memory_optimizer(make_adamw, schedule, lambda step: ratio * schedule(step))
+  return optax.chain(optax.clip_by_global_norm(train.grad_clip), update), schedule
+
+
+def _named_entry(section: str, entry: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  """("name", other fields) of a free-form `{"name": ..., **kwargs}` config entry."""
+  kwargs = entry.to_dict()
+  if "name" not in kwargs:
+    raise ValueError(f"config.{section} needs a 'name' field, got keys {sorted(kwargs)}")
+  name = kwargs.pop("name")
+  return name, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def check_sparsity(sparsity: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming `sparsity.init` / `init_batches` if the initial mask cannot be
+  scored (an unknown init, or a gradient-scored one without batches)."""
+  try:
+    needs = masks.init_needs(sparsity.init)
+  except ValueError as e:
+    raise ValueError(f"config.sparsity.init: {e}") from None
+  if needs != "params" and sparsity.init_batches < 1:
+    raise ValueError(f"config.sparsity.init_batches={sparsity.init_batches} must be >= 1 for "
+                     f"init={sparsity.init!r} (it needs {needs})")
+
+
+def initial_mask_inputs(sparsity: ml_collections.ConfigDict, grad_fn: Callable[[Any, Any], Any],
+                        params: Any, batches: Callable[[int], list[Any]]) -> dict[str, Any]:
+  """What the mask init declares it needs (`sparsejax.masks.init_needs`), computed from
+  `grad_fn(params, batch)` on `batches(sparsity.init_batches)` only when it needs gradients."""
+  if masks.init_needs(sparsity.init) == "params":
+    return {}
+  return jax.device_get(masks.init_inputs(sparsity.init, grad_fn, params,
+                                          batches(sparsity.init_batches)))
+
+
+def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collections.ConfigDict,
+                          params: Any, seed: int, init_kwargs: dict[str, Any] | None = None):
+  """(`tx` under `sparsejax.masks.wrap`, the initial `Mask`) as `config.sparsity` describes.
+
+  The initial mask keeps a `sparsity.density` fraction of the sparsified leaves of `params`,
+  spread over the leaves by `sparsity.distribution`, scored by `sparsity.init` (random draws
+  from fold_in(PRNGKey(seed), MASK_RNG_STREAM); gradient-scored inits need `init_kwargs` from
+  `initial_mask_inputs`); the updater and schedule come from the registries by name.
+  """
+  check_sparsity(sparsity)
+  rules = tuple((pattern, spec.to_dict() if hasattr(spec, "to_dict") else spec)
+                for pattern, spec in sparsity.rules)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), MASK_RNG_STREAM)
+  try:
+    mask = masks.make_mask(params, sparsity.density, sparsity.distribution, rules,
+                           init=sparsity.init, key=key, power=sparsity.erk_power,
+                           **(init_kwargs or {}))
+  except ValueError as e:
+    raise ValueError(f"config.sparsity (density={sparsity.density}): {e}") from None
+  updater_name, updater_kwargs = _named_entry("sparsity.updater", sparsity.updater)
+  schedule_name, schedule_kwargs = _named_entry("sparsity.schedule", sparsity.schedule)
+  try:
+    updater = masks.make_updater(updater_name, **updater_kwargs)
+    schedule = (None if schedule_name == "none"
+                else masks.make_schedule(schedule_name, **schedule_kwargs))
+    return masks.wrap(tx, updater, schedule, mask, seed=seed), mask
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.sparsity.updater={updater_name!r} / schedule={schedule_name!r}: "
+                     f"{e}") from None
+
+
+def density_metrics(mask) -> dict[str, jax.Array]:
+  """Kept fraction of every sparsified leaf ("density/<path>") and over all of them together
+  ("density/global"), as jnp scalars (jit-safe)."""
+  flat = mask.flat()
+  sparse = mask.sparse_paths()
+  metrics = {f"density/{path}": jnp.mean(flat[path], dtype=jnp.float32) for path in sparse}
+  kept = sum((jnp.sum(flat[p], dtype=jnp.int32) for p in sparse), jnp.zeros((), jnp.int32))
+  size = sum(flat[p].size for p in sparse)
+  metrics["density/global"] = kept.astype(jnp.float32) / max(size, 1)
+  return metrics
+
+
+def masked_params(params: Any, opt_state: Any) -> Any:
+  """The weights the model runs with under sparse training: params * mask (mask from `wrap`)."""
+  return masks.get_mask(opt_state).apply(params)
