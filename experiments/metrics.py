@@ -33,17 +33,21 @@ class MetricsWriter:
   metrics.jsonl and TensorBoard keep every layer's value.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, primary: bool = True):
     """Records after `resume_step` (left by a run killed after its last checkpoint, which the
-    resumed run replays) are dropped, so the file keeps exactly one record per logged step."""
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    _drop_records_after(self.path, resume_step)
-    self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+    resumed run replays) are dropped, so the file keeps exactly one record per logged step.
+    Only the `primary` process of a multi-process run writes files; every one prints."""
+    self.path = os.path.join(workdir, "metrics.jsonl") if primary else None
+    self._tb = None
+    if primary:
+      _drop_records_after(self.path, resume_step)
+      self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any], eta_seconds: float | None = None) -> None:
     record = {"step": step, **{k: to_jsonable(v) for k, v in sorted(metrics.items())}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self.path is not None:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
     print(_console_line(step, scalars, eta_seconds), flush=True)
     if self._tb is not None:

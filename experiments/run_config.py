@@ -9,6 +9,7 @@ only the fields in `RESUMABLE` may differ.
 import ast
 import json
 import os
+import tempfile
 from typing import Any, Iterable
 
 import ml_collections
@@ -135,6 +136,16 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   old, new = _flat_values(saved), _flat_values(current)
   return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _resumable(k)]
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks a file can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} is not a writable directory ({e.strerror})") from None
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -27,8 +27,7 @@ from absl import flags
 from absl import logging
 
 from experiments import run_config
-
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early with a checkpoint saved; requeue
+from experiments.preemption import EXIT_PREEMPTED
 
 _CONFIG = flags.DEFINE_string(
     "config", None, "Path to a config file with get_config(), e.g. experiments/configs/lm_dense.py "

@@ -7,8 +7,6 @@ variable collections, e.g. aux-loss-free router biases); the Grain iterator's st
 beside it, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 import os
-import signal
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -18,11 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from experiments import checkpoints as ckpt_lib
 from experiments import metrics as metrics_lib
 from experiments import optim
 from experiments import plots
+from experiments import preemption
 from experiments import run_config
 from experiments import tasks
 from experiments import warm_start
@@ -40,16 +40,6 @@ EXPERT_LOAD_KEY = "/expert_load_E"
 
 class NonFiniteLossError(RuntimeError):
   """The loss or the update became NaN/inf; nothing after the last good checkpoint was saved."""
-
-
-def check_workdir(workdir: str) -> None:
-  """Creates `workdir` and checks a file can be written there."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir!r} is not a writable directory ({e.strerror})") from None
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -106,25 +96,13 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
   return train_step
 
 
-class _StopSignal:
-  """Records SIGTERM/SIGINT so the loop can checkpoint and exit at the next step boundary."""
-
-  def __init__(self):
-    self.received: int | None = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+def _build_task(task_class, config: ml_collections.ConfigDict) -> tasks.Task:
+  """The task; with several processes, process 0 builds it (and prepares its data) first."""
+  if jax.process_count() == 1:
+    return task_class(config)
+  task = task_class(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("task data prepared")
+  return task or task_class(config)
 
 
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -137,7 +115,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     run_config.check_config(config, tasks.TASKS)
-    check_workdir(workdir)
+    run_config.check_workdir(workdir)
     run_config.check_resume(config, workdir)
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh(config, devices)
@@ -146,7 +124,7 @@ class Trainer:
     try:
       task_class = tasks.TASKS.get(config.task)
       task_class.check_config(config)
-      self.task = task_class(config)
+      self.task = _build_task(task_class, config)
       self.batch_sharding = tasks.batch_sharding(self.task, self.mesh)
       self.rows = loader.process_rows(self.batch_sharding, config.train.batch_size)
       self.data = self._train_iterator(self.rows)
@@ -276,13 +254,14 @@ class Trainer:
     cfg = self.config.train
     state = self.restore_or_init()
     step = int(state["step"])
-    self.metrics = metrics_lib.MetricsWriter(self.workdir, resume_step=step)
+    self.metrics = metrics_lib.MetricsWriter(self.workdir, resume_step=step,
+                                             primary=jax.process_index() == 0)
     print(metrics_lib.banner(self.mesh, self.task, self.param_counts, step, cfg.num_steps),
           flush=True)
     last_saved = step if step else None
     window, summary = [], {"step": step}
     clock, clock_step, compiled = time.perf_counter(), step, False
-    with _StopSignal() as stop:
+    with preemption.StopSignal() as stop:
       while step < cfg.num_steps:
         state, metrics = self.train_step(state, self._put(next(self.data)))
         step += 1
@@ -311,7 +290,7 @@ class Trainer:
           record.update(self.evaluate(state))
         if log or evaluate:
           self.metrics.write(step, record, eta)
-        if evaluate and cfg.plot_expert_load:
+        if evaluate and cfg.plot_expert_load and jax.process_index() == 0:
           self._plot_expert_load(record, step)
         summary = {"step": step, **{k: float(v) for k, v in record.items() if np.ndim(v) == 0}}
         if save:
@@ -319,8 +298,7 @@ class Trainer:
           last_saved = step
         clock, clock_step = time.perf_counter(), step
         if preempted:
-          reason = signal.Signals(stop.received).name if stop.received else "stop_at_step"
-          print(f"preempted ({reason}) at step {step}; checkpoint saved at step {step}",
+          print(f"preempted ({stop.reason or 'stop_at_step'}) at step {step}; checkpoint saved",
                 flush=True)
           break
     self.checkpoints.wait()
