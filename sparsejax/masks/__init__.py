@@ -1,17 +1,19 @@
 """Weight sparsity: mask pytrees, structures, distributions, schedules, updaters, optax wrapper,
 export to compressed layouts. See `sparsejax/masks/mask.py` for the `Mask` type."""
-from sparsejax.masks.mask import (DENSE, Mask, check_mask_matches, leaf_paths, map_param_like,
-                                  match_rules, path_str)
+from sparsejax.masks.mask import (DENSE, Mask, check_mask_matches, is_box, leaf_paths,
+                                  leaves_by_path, map_param_like, match_rules, path_str)
 from sparsejax.masks.structures import (parse_structure, pattern, select, structure_count,
                                         structure_name)
 from sparsejax.masks.distributions import layer_densities, leaf_structures, make_mask
-from sparsejax.masks.init import accumulate_grads, accumulate_sq_grads
+from sparsejax.masks.init import (MaskInit, accumulate_grads, accumulate_sq_grads, init_inputs,
+                                  init_needs, register_init)
 from sparsejax.masks.oneshot import sparsegpt_prune, wanda_prune
 from sparsejax.masks.export import (from_bsr, from_condensed, restore_sparse, save_sparse, to_bsr,
                                     to_condensed)
 from sparsejax.masks.condensed import CondensedLinear, condensed_matmul
 from sparsejax.masks.pixelfly import PixelflyLinear, pixelfly_pattern
 from sparsejax.masks.schedules import Constant, Cosine, OneShot, Polynomial, Schedule, make_schedule
-from sparsejax.masks.updaters import (NMPGF, NMSRSTE, SET, GroupLasso, HyperSparse, Magnitude, RigL,
-                                      SparseMomentum, SRigL, Updater, make_updater)
+from sparsejax.masks.updaters import (NMPGF, NMSRSTE, SET, GroupLasso, HyperSparse, LeafInputs,
+                                      Magnitude, MaskUpdate, RigL, SparseMomentum, SRigL,
+                                      UpdateInputs, Updater, leaf_inputs, make_updater)
 from sparsejax.masks.wrap import WrapState, get_mask, masked, wrap

@@ -34,7 +34,7 @@ import numpy as np
 
 from sparsejax.masks import init as init_lib  # registers MASK_INITS
 from sparsejax.masks import structures
-from sparsejax.masks.mask import DENSE, Mask, leaf_paths, match_rules, path_str
+from sparsejax.masks.mask import DENSE, Mask, leaf_paths, leaves_by_path, match_rules
 from sparsejax.registry import DISTRIBUTIONS, MASK_INITS
 
 PyTree = Any
@@ -81,9 +81,7 @@ def leaf_structures(params_shapes_tree: PyTree, rules: Sequence[tuple[str, Any]]
   "dense", >= 2-D kernels "unstructured".
   """
   specs = {}
-  flat = jax.tree_util.tree_flatten_with_path(params_shapes_tree)[0]
-  for key_path, leaf in flat:
-    path = path_str(key_path)
+  for path, leaf in leaves_by_path(params_shapes_tree).items():
     shape = _shape(leaf)
     spec = match_rules(path, rules, default=None)
     if spec is None:
@@ -91,8 +89,6 @@ def leaf_structures(params_shapes_tree: PyTree, rules: Sequence[tuple[str, Any]]
     name, kw = structures.parse_structure(spec)
     specs[path] = (name, kw)
   return specs
-
-
 
 
 def _override_for(path: str, overrides: Mapping[str, float]) -> float | None:
@@ -138,7 +134,7 @@ def _check_target(target_density: float) -> None:
 def _plan(tree: PyTree, target_density: float, rules, overrides) -> dict[str, Any]:
   """Leaves split into dense / fixed / free, fixed counts, and the free budget."""
   specs = leaf_structures(tree, rules)
-  shapes = {p: _shape(leaf) for p, leaf in zip(leaf_paths(tree), jax.tree.leaves(tree))}
+  shapes = {p: _shape(leaf) for p, leaf in leaves_by_path(tree).items()}
   sizes = {p: math.prod(s) for p, s in shapes.items()}
   sparse = [p for p, (name, _) in specs.items() if name != DENSE]
   fixed, free = {}, []
@@ -226,13 +222,15 @@ def make_mask(params: PyTree, density: float, distribution: str = "uniform",
   """A `Mask` over `params` with global density `density` over the sparsified leaves.
 
   Scores come from the mask init `init` (`MASK_INITS`: random / magnitude / saliency / fisher,
-  its extra arguments in `init_kw`, e.g. grads=..., sq_grads=...); each leaf keeps its highest
-  scores subject to its structure at the density from `layer_densities` (or, for distribution
-  "global", the global top-k over the free leaves). Structure names stored in the mask carry
-  their arguments ("nm:m=4,n=2"), so updaters can re-select with `structures.select`.
+  its extra arguments in `init_kw`, as `init_inputs` computes them: grads=..., sq_grads=...); each
+  leaf keeps its highest scores subject to its structure at the density from `layer_densities`
+  (or, for distribution "global", the global top-k over the free leaves). Structure names stored
+  in the mask carry their arguments ("nm:m=4,n=2"), so updaters can re-select with
+  `structures.select`. Boxed params (`nn.Partitioned`) give a boxed mask with the same leaves as
+  their unboxed form.
   """
   _check_target(density)
-  scores = MASK_INITS.get(init)(params, key=key, **init_kw)
+  scores = MASK_INITS.get(init).scores(params, key=key, **init_kw)
   if distribution == "global":
     densities = _global_densities(params, scores, density, rules, overrides or {})
   else:
@@ -258,7 +256,7 @@ def make_mask(params: PyTree, density: float, distribution: str = "uniform",
 def _global_densities(params, scores, density, rules, overrides) -> dict[str, float]:
   """Densities from one global top-`budget` over the free leaves' scores (all unstructured)."""
   plan = _plan(params, density, rules, overrides)
-  flat_scores = dict(zip(leaf_paths(params), jax.tree.leaves(scores)))
+  flat_scores = leaves_by_path(scores)
   for path in plan["free"]:
     if plan["specs"][path][0] != "unstructured":
       raise ValueError(f"distribution 'global' needs unstructured free leaves; {path!r} is "

@@ -12,7 +12,8 @@
                 the kept values (in row-major order) and the mask packed 8 entries a byte
                 (np.packbits); dense leaves are stored whole. At density d in fp32 a sparse
                 leaf costs (4 d + 1/8) bytes per entry instead of 4. Arrays go through Orbax
-                (`StandardCheckpointer`), structure names, shapes and dtypes through JSON.
+                (`StandardCheckpointer`), structure names, shapes and dtype names ("bfloat16",
+                which NumPy alone cannot name) through JSON.
                 Restoring rebuilds params bit-identical to `mask.apply(params)` and the mask,
                 optionally placed with the shardings of a target (a different mesh).
 """
@@ -22,6 +23,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -144,7 +146,7 @@ def save_sparse(directory: str, params: PyTree, mask: Mask) -> None:
     else:
       arrays[key] = compress_leaf(w, np.asarray(jax.device_get(masks[path])))
     leaves_meta.append({"path": path, "key": key, "structure": name,
-                        "shape": list(w.shape), "dtype": w.dtype.str})
+                        "shape": list(w.shape), "dtype": w.dtype.name})
   os.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, _ARRAYS), arrays)
@@ -170,7 +172,7 @@ def restore_sparse(directory: str, target: PyTree = None,
   arrays = ocp.StandardCheckpointer().restore(os.path.join(directory, _ARRAYS))
   params_leaves, mask_leaves, structures = [], [], {}
   for meta in leaves_meta:
-    stored, shape, dtype = arrays[meta["key"]], tuple(meta["shape"]), np.dtype(meta["dtype"])
+    stored, shape, dtype = arrays[meta["key"]], tuple(meta["shape"]), jnp.dtype(meta["dtype"])
     if meta["structure"] == DENSE:
       w = np.asarray(stored["dense"], dtype).reshape(shape)
       m = np.ones(shape, bool)

@@ -11,7 +11,11 @@ and Orbax saves and restores them like any other array tree.
   mask.global_density()                     # nnz / size over the sparsified leaves
 
 Per-leaf choices (which structure, which density) come from path rules, regexes on the
-'/'-joined param path tried in order like the sharding rules; see `match_rules`.
+'/'-joined param path tried in order like the sharding rules; see `match_rules`. Params may be
+boxed, as `model.init` returns them for layers annotated with `nn.with_logical_partitioning`
+(`nn.Partitioned` / `nn.LogicallyPartitioned` leaves): the path of a boxed leaf is the path of
+its box ("params/Dense_0/kernel", not ".../kernel/value"), and a mask over boxed params has
+boxed leaves, so it still mirrors params exactly.
 
 Kernel axis convention used by every structure: the last axis is the output axis, the one
 before it the input axis (`(in, out)` for `nn.Dense`, `(H, W, in, out)` for `nn.Conv`,
@@ -20,6 +24,7 @@ before it the input axis (`(in, out)` for `nn.Dense`, `(H, W, in, out)` for `nn.
 import re
 from typing import Any, Iterable, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -42,9 +47,59 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def is_box(node: Any) -> bool:
+  """True for a Flax metadata box (`nn.Partitioned`, `nn.LogicallyPartitioned`)."""
+  return isinstance(node, nn.meta.AxisMetadata)
+
+
+def _inside_box(box_key_path: tuple[Any, ...], box: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """[(key path, leaf)] of a box's leaves: its own key path, then the leaf's inside its value."""
+  return [(box_key_path + inner[1:], leaf)  # inner[0] is the box's field ("value")
+          for inner, leaf in jax.tree_util.tree_flatten_with_path(box)[0]]
+
+
+def map_with_key_paths(fn: Any, tree: PyTree) -> PyTree:
+  """`jax.tree_util.tree_map_with_path(fn, tree)`, a boxed leaf getting the key path of its box.
+
+  Boxes stay in place around `fn`'s outputs.
+  """
+
+  def outside_boxes(key_path, node):
+    if is_box(node):
+      return jax.tree.unflatten(jax.tree.structure(node),
+                                [fn(*item) for item in _inside_box(key_path, node)])
+    return fn(key_path, node)
+
+  return jax.tree_util.tree_map_with_path(outside_boxes, tree, is_leaf=is_box)
+
+
+def flatten_with_key_paths(tree: PyTree) -> list[tuple[tuple[Any, ...], Any]]:
+  """[(key path, leaf)] in `jax.tree.leaves` order, a boxed leaf with the key path of its box."""
+  flat = []
+  for key_path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]:
+    flat += _inside_box(key_path, node) if is_box(node) else [(key_path, node)]
+  return flat
+
+
 def leaf_paths(tree: PyTree) -> list[str]:
-  """The '/'-joined paths of the leaves of `tree`, in `jax.tree.leaves` order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  """The '/'-joined paths of the leaves of `tree` in `jax.tree.leaves` order, boxes see-through."""
+  return [path_str(key_path) for key_path, _ in flatten_with_key_paths(tree)]
+
+
+def leaves_by_path(tree: PyTree) -> dict[str, Any]:
+  """{'/'-joined path: leaf} of `tree` (boxes see-through)."""
+  return {path_str(key_path): leaf for key_path, leaf in flatten_with_key_paths(tree)}
+
+
+def map_leaves(fn: Any, tree: PyTree, *others: PyTree) -> PyTree:
+  """`fn(leaf, *other_leaves)` leaf by leaf in leaf order, in `tree`'s structure.
+
+  Unlike `jax.tree.map`, `others` may be boxed where `tree` is not, or the reverse (a box holds
+  one leaf, so boxing keeps the leaf order); callers check that the paths agree.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  columns = [jax.tree.leaves(other) for other in others]
+  return jax.tree.unflatten(treedef, [fn(*xs) for xs in zip(leaves, *columns, strict=True)])
 
 
 def match_rules(path: str, rules: Iterable[tuple[str, Any]], default: Any = None) -> Any:
@@ -62,11 +117,12 @@ def map_param_like(fn: Any, state: PyTree, params: PyTree, per_param: PyTree,
   A leaf is shaped like a param when a suffix of its key path is the param's key path and the
   shapes agree (Adam mu/nu, momentum traces, also inside chains, masked and multi_transform
   states); `v` is that param's leaf of `per_param` (a tree like `params`: shardings, masks).
+  Boxed and unboxed params and states match alike.
   """
   by_path = {
       jax.tree_util.keystr(path): (tuple(np.shape(p)), v)
-      for (path, p), v in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                              jax.tree.leaves(per_param), strict=True)
+      for (path, p), v in zip(flatten_with_key_paths(params), jax.tree.leaves(per_param),
+                              strict=True)
   }
 
   def apply(path, leaf):
@@ -77,7 +133,7 @@ def map_param_like(fn: Any, state: PyTree, params: PyTree, per_param: PyTree,
           return fn(leaf, value)
     return other(leaf)
 
-  return jax.tree_util.tree_map_with_path(apply, state)
+  return map_with_key_paths(apply, state)
 
 
 @flax.struct.dataclass
@@ -128,9 +184,18 @@ class Mask:
     """The same structures with new leaves (same tree structure and shapes)."""
     return self.replace(leaves=leaves)
 
+  def mirroring(self, params: PyTree) -> "Mask":
+    """This mask with the tree structure of `params` (boxed where params are boxed or not).
+
+    ValueError if their paths or shapes differ (`check_mask_matches`).
+    """
+    check_mask_matches(params, self)
+    return self.replace_leaves(map_leaves(lambda p, m: m, params, self.leaves))
+
   def apply(self, params: PyTree) -> PyTree:
     """params * mask, leaf by leaf (masked entries become exact zeros of the param's dtype)."""
-    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, self.leaves)
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params,
+                        self.mirroring(params).leaves)
 
   def nnz(self) -> dict[str, int]:
     """Kept entries per leaf (host ints)."""

@@ -8,15 +8,19 @@ Two layers, as everywhere in sparsejax:
      `drop_lowest`, `grow_highest`, `set_update`, `rigl_update`, `srigl_update`,
      `magnitude_prune`, `sparse_momentum_update`, `nm_mask`, `srste_grads`, `pgf_grads`.
    Selections rank with a stable sort: among equal scores the lower flat index wins.
-2. `Updater` objects (registered in `UPDATERS`) that `sparsejax.masks.wrap` drives:
-     init(params, mask) -> state                  updater state, a pytree
-     initial_mask(params, mask) -> Mask           e.g. N:M of the initial weights
-     observe(state, params, grads, mask, step)    every step (momentum, active counts)
-     grads(grads, params, mask, state, step)      the gradient fed to the inner optimizer
-     update(mask, state, params, grads, value, key, step) -> (mask, state)   on schedule steps
+2. `Updater` objects (registered in `UPDATERS`) that `sparsejax.masks.wrap` drives. Every hook
+   takes one `UpdateInputs` (params, mask, grads, state, step, value, key; fields a hook cannot
+   have yet are None) and returns one named thing:
+     init(inputs) -> state                 updater state, a pytree
+     initial_mask(inputs) -> Mask          e.g. N:M of the initial weights
+     observe(inputs) -> state              every step (momentum, active counts)
+     grads(inputs) -> grads                every step: the gradient fed to the inner optimizer
+     update(inputs) -> MaskUpdate          on schedule steps: the new mask and state
+   `check(mask)` rejects initial masks whose structures the updater cannot handle.
    `consumes` names the schedule value an updater reads ("sparsity", "drop_fraction" or None);
    `dense_weights` is True when masked weights keep training (SR-STE, PGF): the forward pass
-   must then use `mask.apply(params)`.
+   must then use `mask.apply(params)`. Per-leaf logic reads `leaf_inputs(inputs)`: one
+   `LeafInputs` (path, structure, m, w, g, key) per parameter.
 
 Growth never picks a position that was active before the drop, so the positions that change
 are exactly the dropped ones plus the grown ones, and for SET / RigL / SRigL |grown| == |dropped|.
@@ -26,11 +30,13 @@ fan-in structure ("fan_in") keeps the same count per output neuron (per column).
 import dataclasses
 from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.masks import regularizers
-from sparsejax.masks.mask import DENSE, Mask, path_str
+from sparsejax.masks.mask import DENSE, Mask, leaves_by_path
 from sparsejax.masks.structures import parse_structure, select
 from sparsejax.registry import UPDATERS
 
@@ -256,23 +262,95 @@ def linear_decay(step, begin: int, end: int) -> jax.Array:
 # Updater objects.
 
 
-def _leaves_with_structures(mask: Mask, *trees: PyTree):
-  """[(path, structure, mask_leaf, *tree_leaves)] in leaf order."""
-  per_tree = [jax.tree.leaves(t) for t in trees]
-  return [(path, name, m, *(leaves[i] for leaves in per_tree))
-          for i, ((path, name), m) in enumerate(zip(mask.structures, jax.tree.leaves(mask.leaves)))]
+@flax.struct.dataclass
+class UpdateInputs:
+  """What every updater hook is called with.
+
+  Attributes:
+    params: the weights; on schedule steps (`update`), those after this step's update.
+    mask: the current `Mask`, mirroring params (boxed where params are, see `Mask.mirroring`).
+    grads: this step's dense gradient, like params (None in `init` and `initial_mask`).
+    state: the updater state from `init` (None in `init` and `initial_mask`).
+    step: the step number (an int32 scalar under `wrap`).
+    value: on schedule steps, the schedule's value (the quantity the updater `consumes`).
+    key: on schedule steps, a PRNG key for this step.
+  """
+
+  params: PyTree
+  mask: Mask
+  grads: PyTree = None
+  state: PyTree = None
+  step: Any = 0
+  value: Any = None
+  key: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class MaskUpdate:
+  """What `Updater.update` returns: the new mask and the new updater state."""
+
+  mask: Mask
+  state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInputs:
+  """One parameter of an `UpdateInputs`: path, structure name, mask m, weights w, dense gradient g
+  (None without grads) and PRNG key (None without a key; leaf i's stream is fold_in(key, i))."""
+
+  path: str
+  structure: str
+  m: jax.Array
+  w: jax.Array
+  g: jax.Array | None
+  key: jax.Array | None
+
+  @property
+  def sparse(self) -> bool:
+    return self.structure != DENSE
+
+  @property
+  def axis(self) -> int | None:
+    """-2 (counts per output neuron) for a "fan_in" leaf, None (per leaf) otherwise."""
+    return -2 if structure_kind(self.structure) == "fan_in" else None
+
+
+def leaf_inputs(inputs: UpdateInputs) -> list[LeafInputs]:
+  """One `LeafInputs` per parameter, in leaf order."""
+  ws = jax.tree.leaves(inputs.params)
+  gs = [None] * len(ws) if inputs.grads is None else jax.tree.leaves(inputs.grads)
+  return [LeafInputs(path=path, structure=name, m=m, w=w, g=g,
+                     key=None if inputs.key is None else jax.random.fold_in(inputs.key, i))
+          for i, ((path, name), m, w, g) in enumerate(
+              zip(inputs.mask.structures, jax.tree.leaves(inputs.mask.leaves), ws, gs,
+                  strict=True))]
 
 
 def _with_leaves(mask: Mask, new_leaves: list[jax.Array]) -> Mask:
   return mask.replace_leaves(jax.tree.unflatten(jax.tree.structure(mask.leaves), new_leaves))
 
 
-def _masked_grads(grads: PyTree, mask: Mask) -> PyTree:
-  return jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask.leaves)
+def _mask_update(inputs: UpdateInputs, new_leaves: list[jax.Array]) -> MaskUpdate:
+  """The mask with `new_leaves` (in leaf order), the updater state unchanged."""
+  return MaskUpdate(mask=_with_leaves(inputs.mask, new_leaves), state=inputs.state)
+
+
+def _like_grads(inputs: UpdateInputs, new_leaves: list[jax.Array]) -> PyTree:
+  return jax.tree.unflatten(jax.tree.structure(inputs.grads), new_leaves)
+
+
+def _masked(g: jax.Array, m: jax.Array) -> jax.Array:
+  return jnp.where(m, g, jnp.zeros((), g.dtype))
 
 
 def _full_like_params(params: PyTree, dtype) -> PyTree:
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+
+
+def _split(flat: jax.Array, like: Sequence[jax.Array]) -> list[jax.Array]:
+  """`flat` cut into arrays shaped like `like`: the inverse of concatenating their ravels."""
+  ends = np.cumsum([x.size for x in like])
+  return [flat[end - x.size:end].reshape(x.shape) for end, x in zip(ends, like)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,20 +367,20 @@ class Updater:
   def check(self, mask: Mask) -> None:
     """ValueError naming the first leaf whose structure this updater cannot handle."""
 
-  def init(self, params: PyTree, mask: Mask) -> PyTree:
+  def init(self, inputs: UpdateInputs) -> PyTree:
     return {}
 
-  def initial_mask(self, params: PyTree, mask: Mask) -> Mask:
-    return mask
+  def initial_mask(self, inputs: UpdateInputs) -> Mask:
+    return inputs.mask
 
-  def observe(self, state, params, grads, mask: Mask, step) -> PyTree:
-    return state
+  def observe(self, inputs: UpdateInputs) -> PyTree:
+    return inputs.state
 
-  def grads(self, grads, params, mask: Mask, state, step) -> PyTree:
-    return _masked_grads(grads, mask)
+  def grads(self, inputs: UpdateInputs) -> PyTree:
+    return jax.tree.map(_masked, inputs.grads, inputs.mask.leaves)
 
-  def update(self, mask: Mask, state, params, grads, value, key, step) -> tuple[Mask, PyTree]:
-    return mask, state
+  def update(self, inputs: UpdateInputs) -> MaskUpdate:
+    return MaskUpdate(mask=inputs.mask, state=inputs.state)
 
 
 UPDATERS.register("static")(Updater)
@@ -355,37 +433,27 @@ class Magnitude(Updater):
     ratio = jnp.minimum(1.0, sparsity / s_ref) if s_ref > 0 else 1.0
     return {p: 1.0 - (1.0 - dens[p]) * ratio for p in sparse}
 
-  def update(self, mask, state, params, grads, value, key, step):
+  def update(self, inputs):
+    leaves = leaf_inputs(inputs)
     if self.scope == "global":
-      return _with_leaves(mask, _global_magnitude(mask, params, 1.0 - value)), state
-    densities = self.leaf_densities(mask, value)
-    new = []
-    for path, name, m, w in _leaves_with_structures(mask, params):
-      if name == DENSE:
-        new.append(m)
-      else:
-        new.append(magnitude_prune(w, m, densities[path], name, self.power))
-    return _with_leaves(mask, new), state
+      return _mask_update(inputs, _global_magnitude(leaves, 1.0 - inputs.value))
+    densities = self.leaf_densities(inputs.mask, inputs.value)
+    return _mask_update(inputs, [
+        magnitude_prune(leaf.w, leaf.m, densities[leaf.path], leaf.structure, self.power)
+        if leaf.sparse else leaf.m for leaf in leaves])
 
 
-def _global_magnitude(mask: Mask, params: PyTree, density) -> list[jax.Array]:
+def _global_magnitude(leaves: list[LeafInputs], density) -> list[jax.Array]:
   """One |w| ranking over every sparse leaf; keeps round(density · Σ sizes) in total."""
-  items = _leaves_with_structures(mask, params)
-  sparse = [(m, w) for _, name, m, w in items if name != DENSE]
+  sparse = [leaf for leaf in leaves if leaf.sparse]
   if not sparse:
-    return [m for _, _, m, _ in items]
-  flat_m = jnp.concatenate([m.reshape(-1) for m, _ in sparse])
-  flat_w = jnp.concatenate([w.reshape(-1).astype(jnp.float32) for _, w in sparse])
+    return [leaf.m for leaf in leaves]
+  flat_m = jnp.concatenate([leaf.m.reshape(-1) for leaf in sparse])
+  flat_w = jnp.concatenate([leaf.w.reshape(-1).astype(jnp.float32) for leaf in sparse])
   n_drop = jnp.maximum(jnp.sum(flat_m, dtype=jnp.int32) - _round_count(density, flat_m.size), 0)
-  flat_new = drop_lowest(jnp.abs(flat_w), flat_m, n_drop)
-  out, offset = [], 0
-  for _, name, m, _ in items:
-    if name == DENSE:
-      out.append(m)
-    else:
-      out.append(flat_new[offset:offset + m.size].reshape(m.shape))
-      offset += m.size
-  return out
+  kept = _split(drop_lowest(jnp.abs(flat_w), flat_m, n_drop), [leaf.m for leaf in sparse])
+  by_path = {leaf.path: m for leaf, m in zip(sparse, kept)}
+  return [by_path.get(leaf.path, leaf.m) for leaf in leaves]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,19 +465,13 @@ class _Swap(Updater):
   def check(self, mask):
     _check_structures(mask, SWAP_STRUCTURES, type(self).__name__)
 
-  def swap_leaf(self, path, w, g, m, value, key, state, step, axis):
+  def swap_leaf(self, leaf: LeafInputs, inputs: UpdateInputs) -> jax.Array:
+    """The new mask of one sparse leaf."""
     raise NotImplementedError
 
-  def update(self, mask, state, params, grads, value, key, step):
-    new = []
-    for i, (path, name, m, w, g) in enumerate(_leaves_with_structures(mask, params, grads)):
-      if name == DENSE:
-        new.append(m)
-        continue
-      axis = -2 if structure_kind(name) == "fan_in" else None
-      leaf_key = jax.random.fold_in(key, i)
-      new.append(self.swap_leaf(path, w, g, m, value, leaf_key, state, step, axis))
-    return _with_leaves(mask, new), state
+  def update(self, inputs):
+    return _mask_update(inputs, [self.swap_leaf(leaf, inputs) if leaf.sparse else leaf.m
+                                 for leaf in leaf_inputs(inputs)])
 
 
 @UPDATERS.register("set")
@@ -417,8 +479,9 @@ class _Swap(Updater):
 class SET(_Swap):
   """SET: magnitude drop, uniform random regrowth (`set_update`)."""
 
-  def swap_leaf(self, path, w, g, m, value, key, state, step, axis):
-    return set_update(w, m, swap_count(value, m, axis), key, axis)
+  def swap_leaf(self, leaf, inputs):
+    n_swap = swap_count(inputs.value, leaf.m, leaf.axis)
+    return set_update(leaf.w, leaf.m, n_swap, leaf.key, leaf.axis)
 
 
 @UPDATERS.register("rigl")
@@ -432,31 +495,27 @@ class RigL(_Swap):
 
   exploration: float = 0.0
 
-  def init(self, params, mask):
+  def init(self, inputs):
     if self.exploration > 0:
-      return {"active_steps": _full_like_params(params, jnp.int32)}
+      return {"active_steps": _full_like_params(inputs.params, jnp.int32)}
     return {}
 
-  def observe(self, state, params, grads, mask, step):
-    if self.exploration > 0:
-      state = dict(state, active_steps=jax.tree.map(lambda n, m: n + m.astype(jnp.int32),
-                                                    state["active_steps"], mask.leaves))
-    return state
+  def observe(self, inputs):
+    if self.exploration <= 0:
+      return inputs.state
+    active_steps = jax.tree.map(lambda n, m: n + m.astype(jnp.int32),
+                                inputs.state["active_steps"], inputs.mask.leaves)
+    return dict(inputs.state, active_steps=active_steps)
 
-  def bonus(self, path, state, step):
+  def bonus(self, leaf: LeafInputs, inputs: UpdateInputs) -> jax.Array | None:
     if self.exploration <= 0:
       return None
-    return exploration_bonus(_leaf_at(state["active_steps"], path), step, self.exploration)
+    active_steps = leaves_by_path(inputs.state["active_steps"])[leaf.path]
+    return exploration_bonus(active_steps, inputs.step, self.exploration)
 
-  def swap_leaf(self, path, w, g, m, value, key, state, step, axis):
-    return rigl_update(w, g, m, swap_count(value, m, axis), self.bonus(path, state, step), axis)
-
-
-def _leaf_at(tree: PyTree, path: str) -> jax.Array:
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if path_str(key_path) == path:
-      return leaf
-  raise KeyError(path)
+  def swap_leaf(self, leaf, inputs):
+    n_swap = swap_count(inputs.value, leaf.m, leaf.axis)
+    return rigl_update(leaf.w, leaf.g, leaf.m, n_swap, self.bonus(leaf, inputs), leaf.axis)
 
 
 @UPDATERS.register("srigl")
@@ -468,17 +527,17 @@ class SRigL(RigL):
 
   gamma_sal: float = 0.3
 
-  def init(self, params, mask):
-    state = super().init(params, mask)
-    state["target_nnz"] = {path: jnp.sum(m, dtype=jnp.int32) for path, m in mask.flat().items()
-                           if structure_kind(mask.structure_of(path)) == "fan_in"}
-    return state
+  def init(self, inputs):
+    mask = inputs.mask
+    target_nnz = {path: jnp.sum(m, dtype=jnp.int32) for path, m in mask.flat().items()
+                  if structure_kind(mask.structure_of(path)) == "fan_in"}
+    return dict(super().init(inputs), target_nnz=target_nnz)
 
-  def swap_leaf(self, path, w, g, m, value, key, state, step, axis):
-    if axis is None:
-      return super().swap_leaf(path, w, g, m, value, key, state, step, axis)
-    return srigl_update(w, g, m, value, state["target_nnz"][path], self.gamma_sal,
-                        self.bonus(path, state, step))
+  def swap_leaf(self, leaf, inputs):
+    if leaf.axis is None:
+      return super().swap_leaf(leaf, inputs)
+    return srigl_update(leaf.w, leaf.g, leaf.m, inputs.value, inputs.state["target_nnz"][leaf.path],
+                        self.gamma_sal, self.bonus(leaf, inputs))
 
 
 @UPDATERS.register("sparse_momentum")
@@ -493,22 +552,23 @@ class SparseMomentum(Updater):
   def check(self, mask):
     _check_structures(mask, ("unstructured",), "SparseMomentum")
 
-  def init(self, params, mask):
-    return {"momentum": _full_like_params(params, jnp.float32)}
+  def init(self, inputs):
+    return {"momentum": _full_like_params(inputs.params, jnp.float32)}
 
-  def observe(self, state, params, grads, mask, step):
-    mom = jax.tree.map(lambda v, g: self.beta * v + g.astype(jnp.float32), state["momentum"], grads)
-    return dict(state, momentum=mom)
+  def observe(self, inputs):
+    momentum = jax.tree.map(lambda v, g: self.beta * v + g.astype(jnp.float32),
+                            inputs.state["momentum"], inputs.grads)
+    return dict(inputs.state, momentum=momentum)
 
-  def update(self, mask, state, params, grads, value, key, step):
-    items = _leaves_with_structures(mask, params, state["momentum"])
-    sparse = [i for i, item in enumerate(items) if item[1] != DENSE]
-    grown = sparse_momentum_update([items[i][3] for i in sparse], [items[i][4] for i in sparse],
-                                   [items[i][2] for i in sparse], value)
-    new = [item[2] for item in items]
-    for i, leaf in zip(sparse, grown):
-      new[i] = leaf
-    return _with_leaves(mask, new), state
+  def update(self, inputs):
+    leaves = leaf_inputs(inputs)
+    sparse = [leaf for leaf in leaves if leaf.sparse]
+    momentum = leaves_by_path(inputs.state["momentum"])
+    grown = sparse_momentum_update([leaf.w for leaf in sparse],
+                                   [momentum[leaf.path] for leaf in sparse],
+                                   [leaf.m for leaf in sparse], inputs.value)
+    by_path = {leaf.path: m for leaf, m in zip(sparse, grown)}
+    return _mask_update(inputs, [by_path.get(leaf.path, leaf.m) for leaf in leaves])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,15 +586,15 @@ class _NM(Updater):
         raise ValueError(f"leaf {path!r} has structure {name!r}; N:M updaters need n and m in "
                          f"it, e.g. 'nm:m=4,n=2'")
 
-  def nm_leaves(self, mask, params):
-    return [m if name == DENSE else nm_mask(w, **parse_structure(name)[1])
-            for _, name, m, w in _leaves_with_structures(mask, params)]
+  def nm_leaves(self, inputs: UpdateInputs) -> list[jax.Array]:
+    return [nm_mask(leaf.w, **parse_structure(leaf.structure)[1]) if leaf.sparse else leaf.m
+            for leaf in leaf_inputs(inputs)]
 
-  def initial_mask(self, params, mask):
-    return _with_leaves(mask, self.nm_leaves(mask, params))
+  def initial_mask(self, inputs):
+    return _with_leaves(inputs.mask, self.nm_leaves(inputs))
 
-  def update(self, mask, state, params, grads, value, key, step):
-    return _with_leaves(mask, self.nm_leaves(mask, params)), state
+  def update(self, inputs):
+    return _mask_update(inputs, self.nm_leaves(inputs))
 
 
 @UPDATERS.register("nm_srste")
@@ -544,8 +604,9 @@ class NMSRSTE(_NM):
 
   lam: float = 2e-4
 
-  def grads(self, grads, params, mask, state, step):
-    return jax.tree.map(lambda g, w, m: srste_grads(g, w, m, self.lam), grads, params, mask.leaves)
+  def grads(self, inputs):
+    return jax.tree.map(lambda g, w, m: srste_grads(g, w, m, self.lam), inputs.grads,
+                        inputs.params, inputs.mask.leaves)
 
 
 @UPDATERS.register("nm_pgf")
@@ -557,9 +618,9 @@ class NMPGF(_NM):
   decay_begin: int = 0
   decay_end: int = 1000
 
-  def grads(self, grads, params, mask, state, step):
-    beta = linear_decay(step, self.decay_begin, self.decay_end)
-    return jax.tree.map(lambda g, m: pgf_grads(g, m, beta), grads, mask.leaves)
+  def grads(self, inputs):
+    beta = linear_decay(inputs.step, self.decay_begin, self.decay_end)
+    return jax.tree.map(lambda g, m: pgf_grads(g, m, beta), inputs.grads, inputs.mask.leaves)
 
 
 @UPDATERS.register("group_lasso")
@@ -574,15 +635,17 @@ class GroupLasso(Magnitude):
   lam: float = 1e-4
   power = 2.0
 
-  def grads(self, grads, params, mask, state, step):
-    out = []
-    for _, name, m, g, w in _leaves_with_structures(mask, grads, params):
-      kind, kw = parse_structure(name)
-      if kind in regularizers.GROUPS:
-        penalty = regularizers.group_lasso_grad(jnp.where(m, w, 0), kind, **kw)
-        g = g + self.lam * penalty.astype(g.dtype)
-      out.append(jnp.where(m, g, jnp.zeros((), g.dtype)))
-    return jax.tree.unflatten(jax.tree.structure(grads), out)
+  def penalised(self, leaf: LeafInputs) -> jax.Array:
+    """g + λ ∂/∂w of the group lasso of the kept weights, for "channel" / "block" leaves."""
+    kind, kw = parse_structure(leaf.structure)
+    if kind not in regularizers.GROUPS:
+      return leaf.g
+    penalty = regularizers.group_lasso_grad(jnp.where(leaf.m, leaf.w, 0), kind, **kw)
+    return leaf.g + self.lam * penalty.astype(leaf.g.dtype)
+
+  def grads(self, inputs):
+    return _like_grads(inputs, [_masked(self.penalised(leaf), leaf.m)
+                                for leaf in leaf_inputs(inputs)])
 
 
 @UPDATERS.register("hypersparse")
@@ -601,21 +664,22 @@ class HyperSparse(Magnitude):
   epoch_steps: int = 100
   scope: str = "global"
 
-  def grads(self, grads, params, mask, state, step):
-    items = _leaves_with_structures(mask, grads, params)
-    sparse = [i for i, item in enumerate(items) if item[1] != DENSE]
-    out = [g for _, _, _, g, _ in items]
-    if sparse:
-      flat_w = jnp.concatenate([jnp.where(items[i][2], items[i][4], 0).reshape(-1) for i in sparse])
-      lam_t = self.lam * self.eta ** (jnp.asarray(step, jnp.float32) // self.epoch_steps)
-      flat_g = lam_t * regularizers.hypersparse_grad(flat_w, self.sparsity)
-      offset = 0
-      for i in sparse:
-        g = items[i][3]
-        out[i] = g + flat_g[offset:offset + g.size].reshape(g.shape).astype(g.dtype)
-        offset += g.size
-    out = [jnp.where(item[2], g, jnp.zeros((), g.dtype)) for item, g in zip(items, out)]
-    return jax.tree.unflatten(jax.tree.structure(grads), out)
+  def penalised(self, sparse: list[LeafInputs], step) -> list[jax.Array]:
+    """g + λ_t ∂L_HS/∂w for each of the `sparse` leaves, L_HS taken over their kept weights."""
+    if not sparse:
+      return []
+    flat_w = jnp.concatenate([jnp.where(leaf.m, leaf.w, 0).reshape(-1) for leaf in sparse])
+    lam_t = self.lam * self.eta ** (jnp.asarray(step, jnp.float32) // self.epoch_steps)
+    penalties = _split(lam_t * regularizers.hypersparse_grad(flat_w, self.sparsity),
+                       [leaf.g for leaf in sparse])
+    return [leaf.g + penalty.astype(leaf.g.dtype) for leaf, penalty in zip(sparse, penalties)]
+
+  def grads(self, inputs):
+    leaves = leaf_inputs(inputs)
+    sparse = [leaf for leaf in leaves if leaf.sparse]
+    penalised = dict(zip([leaf.path for leaf in sparse], self.penalised(sparse, inputs.step)))
+    return _like_grads(inputs, [_masked(penalised.get(leaf.path, leaf.g), leaf.m)
+                                for leaf in leaves])
 
 
 def make_updater(name: str, **kwargs) -> Updater:

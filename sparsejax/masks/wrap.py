@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks.mask import Mask, check_mask_matches, map_param_like
+from sparsejax.masks.mask import Mask, map_param_like
 from sparsejax.masks.schedules import Schedule
-from sparsejax.masks.updaters import Updater
+from sparsejax.masks.updaters import UpdateInputs, Updater
 
 PyTree = Any
 
@@ -78,47 +78,48 @@ def wrap(tx: optax.GradientTransformation, updater: Updater, schedule: Schedule 
   """A GradientTransformation training `tx` under a mask that `updater` evolves on `schedule`.
 
   `schedule` None never changes the mask. `tx.update` must be given params. Params handed to it
-  are dense arrays; after the first update they are exactly 0 at masked positions (unless the
-  updater keeps dense weights, see `Updater.dense_weights`).
+  are dense arrays, boxed (`nn.Partitioned`, as `model.init` returns them) or not; after the first
+  update they are exactly 0 at masked positions (unless the updater keeps dense weights, see
+  `Updater.dense_weights`). The state's mask mirrors params (`Mask.mirroring`).
   """
   updater.check(initial_mask)
   _check_schedule(updater, schedule)
 
   def init_fn(params):
-    check_mask_matches(params, initial_mask)
-    mask = updater.initial_mask(params, initial_mask)
-    return WrapState(mask=mask, updater=updater.init(params, mask),
+    inputs = UpdateInputs(params=params, mask=initial_mask.mirroring(params))
+    mask = updater.initial_mask(inputs)
+    return WrapState(mask=mask, updater=updater.init(inputs.replace(mask=mask)),
                      step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(seed),
                      inner=tx.init(params))
 
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError("sparsejax.masks.wrap needs params: call tx.update(grads, state, params)")
-    mask, step = state.mask, state.step
-    ustate = updater.observe(state.updater, params, grads, mask, step)
-    inner_grads = updater.grads(grads, params, mask, ustate, step)
-    updates, inner = tx.update(inner_grads, state.inner, params)
+    inputs = UpdateInputs(params=params, mask=state.mask, grads=grads, state=state.updater,
+                          step=state.step)
+    inputs = inputs.replace(state=updater.observe(inputs))
+    updates, inner = tx.update(updater.grads(inputs), state.inner, params)
     if not updater.dense_weights:
-      updates = _zero_masked_updates(updates, params, mask.leaves)
+      updates = _zero_masked_updates(updates, params, inputs.mask.leaves)
 
     def change_mask(operands):
-      updates, inner, mask_leaves, ustate = operands
-      key = jax.random.fold_in(state.key, step)
-      new_mask, ustate = updater.update(mask, ustate, optax.apply_updates(params, updates), grads,
-                                        value, key, step)
+      updates, inner, mask, ustate = operands
+      new = updater.update(inputs.replace(
+          params=optax.apply_updates(params, updates), mask=mask, state=ustate, value=value,
+          key=jax.random.fold_in(state.key, inputs.step)))
       if not updater.dense_weights:
-        changed = jax.tree.map(jnp.not_equal, mask_leaves, new_mask.leaves)
-        updates = _zero_masked_updates(updates, params, new_mask.leaves)
+        changed = jax.tree.map(jnp.not_equal, mask.leaves, new.mask.leaves)
+        updates = _zero_masked_updates(updates, params, new.mask.leaves)
         inner = reset_like_params(inner, params, changed)
-      return updates, inner, new_mask.leaves, ustate
+      return updates, inner, new.mask, new.state
 
-    mask_leaves = mask.leaves
+    mask, ustate = inputs.mask, inputs.state
     if schedule is not None:
-      value, now = schedule(step)
-      updates, inner, mask_leaves, ustate = jax.lax.cond(
-          now, change_mask, lambda operands: operands, (updates, inner, mask_leaves, ustate))
-    new_state = WrapState(mask=mask.replace_leaves(mask_leaves), updater=ustate, step=step + 1,
-                          key=state.key, inner=inner)
+      value, now = schedule(inputs.step)
+      updates, inner, mask, ustate = jax.lax.cond(
+          now, change_mask, lambda operands: operands, (updates, inner, mask, ustate))
+    new_state = WrapState(mask=mask, updater=ustate, step=inputs.step + 1, key=state.key,
+                          inner=inner)
     return updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

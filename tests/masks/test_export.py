@@ -117,3 +117,19 @@ def test_sparse_checkpoint_restores_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(leaf, want)
   assert restored_mask.structures == mask.structures
   np.testing.assert_array_equal(restored_mask.flat()["dense1/kernel"], mask.flat()["dense1/kernel"])
+
+
+@pytest.mark.parametrize("dtype, bits", [(jnp.bfloat16, np.uint16), (jnp.float16, np.uint16),
+                                         (jnp.float32, np.uint32)])
+def test_sparse_checkpoint_round_trips_low_precision_bit_identically(tmp_path, dtype, bits):
+  rng = np.random.default_rng(3)
+  params = {"bias": jnp.asarray(rng.normal(size=8), dtype),
+            "kernel": jnp.asarray(rng.normal(size=(16, 8)), dtype).at[0, 0].set(-0.0)}
+  mask = make_mask(params, 0.5, key=jax.random.key(4))
+  masked = mask.apply(params)
+  export.save_sparse(str(tmp_path / "ckpt"), masked, mask)
+  restored, restored_mask = export.restore_sparse(str(tmp_path / "ckpt"))
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(masked), strict=True):
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got).view(bits), np.asarray(want).view(bits))
+  np.testing.assert_array_equal(restored_mask.flat()["kernel"], mask.flat()["kernel"])

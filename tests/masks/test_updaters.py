@@ -176,7 +176,8 @@ def test_magnitude_updater_follows_the_polynomial_schedule_to_per_leaf_targets()
   final = 1 - 26 / 240
   schedule = Polynomial(final_sparsity=final, begin=0, end=40, update_every=10)
   previous = None
-  prune = jax.jit(lambda mask, value: updater.update(mask, {}, params, None, value, None, 0)[0])
+  prune = jax.jit(lambda mask, value: updater.update(
+      U.UpdateInputs(params=params, mask=mask, value=value)).mask)
   for t in range(0, 41, 10):
     value, update = schedule(t)
     assert bool(update)
@@ -195,7 +196,8 @@ def test_global_magnitude_keeps_the_global_count():
             "b": jnp.asarray(3 * rng.normal(size=(5, 4)))}
   mask = Mask.from_leaves(jax.tree.map(lambda p: np.ones(p.shape, bool), params),
                           {"a": "unstructured", "b": "unstructured"})
-  new, _ = U.Magnitude(scope="global").update(mask, {}, params, None, jnp.float32(0.9), None, 0)
+  new = U.Magnitude(scope="global").update(
+      U.UpdateInputs(params=params, mask=mask, value=jnp.float32(0.9))).mask
   assert sum(new.nnz().values()) == 12
   everything = np.concatenate([np.abs(params["a"]).reshape(-1), np.abs(params["b"]).reshape(-1)])
   threshold = np.sort(everything)[-12]
@@ -267,7 +269,8 @@ def test_srste_and_pgf_gradients_match_their_formulas():
   np.testing.assert_allclose([float(U.linear_decay(t, 10, 20)) for t in (0, 10, 15, 20, 30)],
                              [1.0, 1.0, 0.5, 0.0, 0.0])
   nm = Mask.from_leaves({"k": mask}, {"k": "nm:m=4,n=2"})
-  pgf = U.NMPGF(decay_begin=0, decay_end=10).grads({"k": jnp.asarray(g)}, {"k": w}, nm, {}, 5)
+  pgf = U.NMPGF(decay_begin=0, decay_end=10).grads(
+      U.UpdateInputs(params={"k": w}, mask=nm, grads={"k": jnp.asarray(g)}, step=5))
   np.testing.assert_allclose(pgf["k"], g * (mask + 0.5 * (1 - mask)), rtol=1e-6)
 
 
@@ -312,11 +315,12 @@ def test_group_lasso_updater_penalises_and_prunes_whole_channels():
   updater = U.GroupLasso(lam=0.1)
   updater.check(mask)
   grads = jax.tree.map(jnp.ones_like, params)
-  got = updater.grads(grads, params, mask, {}, 0)
+  got = updater.grads(U.UpdateInputs(params=params, mask=mask, grads=grads))
   np.testing.assert_allclose(got["k"], 1 + 0.1 * np.sqrt(6) * params["k"]
                              / np.linalg.norm(params["k"], axis=0), rtol=1e-5)
   np.testing.assert_array_equal(got["bias"], 1.0)
-  new, _ = updater.update(mask, {}, params, grads, jnp.float32(0.5), None, 0)
+  new = updater.update(U.UpdateInputs(params=params, mask=mask, grads=grads,
+                                      value=jnp.float32(0.5))).mask
   norms = np.linalg.norm(params["k"], axis=0)
   kept = np.broadcast_to(norms >= np.sort(norms)[2], (6, 4))
   np.testing.assert_array_equal(new.leaves["k"], kept)
@@ -331,10 +335,12 @@ def test_hypersparse_updater_adds_growing_penalty_and_prunes_globally():
   zeros = jax.tree.map(jnp.zeros_like, params)
   flat = np.concatenate([params["a"].reshape(-1), params["b"].reshape(-1)])
   hs = np.asarray(regularizers.hypersparse_grad(flat, 0.9))
-  g25 = jax.jit(updater.grads)(zeros, params, mask, {}, 25)  # λ_t = 1 * 2^2
+  g25 = jax.jit(updater.grads)(U.UpdateInputs(params=params, mask=mask, grads=zeros,
+                                               step=25))  # λ_t = 1 * 2^2
   np.testing.assert_allclose(g25["a"].reshape(-1), 4 * hs[:64], rtol=1e-5)
   np.testing.assert_allclose(g25["b"].reshape(-1), 4 * hs[64:], rtol=1e-5)
-  new, _ = jax.jit(updater.update)(mask, {}, params, zeros, jnp.float32(0.9), None, 0)
+  new = jax.jit(updater.update)(U.UpdateInputs(params=params, mask=mask, grads=zeros,
+                                                value=jnp.float32(0.9))).mask
   assert sum(new.nnz().values()) == round(0.1 * 80)
 
 
