@@ -1,49 +1,61 @@
-"""Dependency-free PNG heatmaps (e.g. expert load per layer), written with zlib alone."""
-import struct
-import zlib
-
+"""Training plots written as PNG files with matplotlib (Agg backend, imported on first use)."""
 import numpy as np
 
-# A dark-blue -> yellow ramp (5 anchors, linearly interpolated), readable in print and for
-# colour-blind readers.
-_ANCHORS_RGB = np.array(
-    [[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float64
-)
+DPI = 100
+# Figure width in inches: DPI * 8 = 800 px, wide enough for 64 expert columns to stay readable.
+WIDTH_IN = 8.0
+# Figure height in inches: the title, x axis and margins, plus one row per layer, at least 300 px.
+FRAME_IN = 1.5
+ROW_IN = 0.35
+MIN_HEIGHT_IN = 3.0
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-  """uint8 RGB [..., 3] for values in [0, 1] (clipped), along the 5-anchor ramp."""
-  position = np.clip(values, 0.0, 1.0) * (len(_ANCHORS_RGB) - 1)
-  low = np.minimum(np.floor(position).astype(int), len(_ANCHORS_RGB) - 2)
-  frac = (position - low)[..., None]
-  rgb = _ANCHORS_RGB[low] * (1 - frac) + _ANCHORS_RGB[low + 1] * frac
-  return np.round(rgb).astype(np.uint8)
+def write_expert_load(path: str, load_LE: np.ndarray, step: int,
+                      layer_names: list[str] | None = None) -> None:
+  """Writes a heatmap of per-layer expert load fractions (layers x experts) as a PNG at `path`.
+
+  Row l, column e holds the fraction of layer l's routed tokens that expert e received (1 / E
+  everywhere under perfect balance). The y ticks are `layer_names` (default: the row indices);
+  a colour bar gives the scale. Raises ValueError for a matrix that is not 2-D, is empty, or
+  whose row count differs from len(layer_names).
+  """
+  expert_load_figure(load_LE, step, layer_names).savefig(path, dpi=DPI)
 
 
-def heatmap_rgb(matrix: np.ndarray, cell: int = 16, vmax: float | None = None) -> np.ndarray:
-  """uint8 image [rows*cell, cols*cell, 3] of `matrix` scaled to [0, vmax] (default: its max)."""
-  matrix = np.asarray(matrix, np.float64)
-  if matrix.ndim != 2 or matrix.size == 0:
-    raise ValueError(f"heatmap needs a non-empty 2-D matrix, got shape {matrix.shape}")
-  top = float(np.max(matrix)) if vmax is None else vmax
-  scaled = matrix / top if top > 0 else np.zeros_like(matrix)
-  return np.repeat(np.repeat(colormap(scaled), cell, axis=0), cell, axis=1)
+def expert_load_figure(load_LE: np.ndarray, step: int, layer_names: list[str] | None = None):
+  """The matplotlib Figure that `write_expert_load` saves, on an Agg canvas (pyplot unused)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: keeps imports fast.
+  from matplotlib.figure import Figure
+
+  load_LE = _checked_load(load_LE, layer_names)
+  num_layers, num_experts = load_LE.shape
+  height_in = max(MIN_HEIGHT_IN, FRAME_IN + ROW_IN * num_layers)
+  figure = Figure(figsize=(WIDTH_IN, height_in), dpi=DPI, layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  image = axes.imshow(load_LE, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+  axes.set_xlabel("expert")
+  axes.set_ylabel("layer")
+  axes.set_title(f"expert load at step {step} (fraction of routed tokens)")
+  axes.set_xticks(_expert_ticks(num_experts))
+  axes.set_yticks(np.arange(num_layers), labels=layer_names or [str(l) for l in range(num_layers)])
+  figure.colorbar(image, ax=axes, label="fraction of routed tokens")
+  return figure
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-  """PNG bytes of an 8-bit RGB image [H, W, 3] (filter type 0 on every row)."""
-  height, width, _ = rgb.shape
-  rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)
+def _checked_load(load_LE: np.ndarray, layer_names: list[str] | None) -> np.ndarray:
+  """`load_LE` as a float array, or a ValueError naming what is wrong with it."""
+  load_LE = np.asarray(load_LE, np.float64)
+  if load_LE.ndim != 2 or load_LE.size == 0:
+    raise ValueError(f"load_LE must be a non-empty 2-D matrix (layers, experts), got shape "
+                     f"{load_LE.shape}")
+  if layer_names is not None and len(layer_names) != load_LE.shape[0]:
+    raise ValueError(f"layer_names has {len(layer_names)} names for {load_LE.shape[0]} layers "
+                     f"(rows of load_LE)")
+  return load_LE
 
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-
-
-def write_heatmap_png(path: str, matrix: np.ndarray, cell: int = 16) -> None:
-  """Writes `matrix` (e.g. [layers, experts] load fractions) as a PNG heatmap at `path`."""
-  with open(path, "wb") as f:
-    f.write(encode_png(heatmap_rgb(matrix, cell)))
+def _expert_ticks(num_experts: int) -> np.ndarray:
+  """Every expert index up to 32 experts, else every ceil(E / 16)-th (at most 16 ticks)."""
+  stride = 1 if num_experts <= 32 else -(-num_experts // 16)
+  return np.arange(0, num_experts, stride)

@@ -113,14 +113,13 @@ class HashedEmbedding(nn.Module):
 
   The table E (num_rows x d_model, float32, logical axes ("vocab", "embed")) is initialised with
   stddev d_model^-0.5 / sqrt(max_n * num_hashes), so a position's multi-hot sum has about the
-  scale of a plain embedding row. `vocab_size` is accepted for the embedding contract (ids must
-  lie below it); the table size does not depend on it. There is no `attend`: an LM using it
-  needs an untied output head.
+  scale of a plain embedding row. The table size does not depend on the vocabulary, so the layer
+  declares no `vocab_size` (the model passes none). There is no `attend`: an LM using it needs an
+  untied output head.
   Deiseroth et al. 2024, "T-FREE: Subword Tokenizer-Free Generative LLMs via Sparse
   Representations for Memory-Efficient Embeddings".
 
   Attributes:
-    vocab_size: the range of token ids (contract field, unused).
     d_model: D, the embedding width.
     num_rows: R, rows of the hashed table.
     max_n: n-grams of 1..max_n tokens ending at each position.
@@ -128,7 +127,6 @@ class HashedEmbedding(nn.Module):
     dtype: compute dtype of the output.
   """
 
-  vocab_size: int
   d_model: int
   num_rows: int = 4096
   max_n: int = 3

@@ -34,8 +34,9 @@ class ProductKeyMemory(nn.Module):
   m(x) = sum_h sum_k w_hk V[idx_hk] (`pkm.pkm_read`). With `gated` (memory+),
   y = (m(x) * silu(x W_1)) W_2 with W_1, W_2: D x D; else y = m(x). The value table is annotated
   ("memory", "embed"), so it shards over the `model` mesh axis; sub-keys and the query
-  projection are replicated (except `embed` over `fsdp`). `d_ff` is accepted for the FFN
-  contract and unused. No dropout: `deterministic` is accepted for the layer contract.
+  projection are replicated (except `embed` over `fsdp`). It has no hidden width, so it declares
+  no `d_ff` (the model passes none). No dropout: `deterministic` is accepted for the layer
+  contract.
 
   Metrics (float32 scalars, see `pkm.access_stats`): memory_usage (fraction of slots read by the
   batch), access_entropy (of the weight mass over slots, / log N), top_slot_share. When the
@@ -51,7 +52,7 @@ class ProductKeyMemory(nn.Module):
   Layers at Scale" (memory+ gating, query normalisation, a memory pool shared across layers).
 
   Attributes:
-    d_model: D, also the value dim. d_ff: unused (FFN contract).
+    d_model: D, also the value dim.
     num_keys: P, sub-keys per product half; the memory has N = P^2 slots.
     k: slots read per token and head, 1 <= k <= num_keys.
     num_heads: H, memory heads, each with its own query projection and sub-keys.
@@ -63,7 +64,6 @@ class ProductKeyMemory(nn.Module):
   """
 
   d_model: int
-  d_ff: int
   num_keys: int = 128
   k: int = 32
   num_heads: int = 4

@@ -8,11 +8,11 @@ in by registering itself, without edits to the model):
 
       FFNS.get(name)(d_model=d_model, d_ff=d_ff, dtype=dtype, name="ffn", **ffn_kwargs)
 
-  `d_model`, `d_ff` and `dtype` (the compute dtype; keep params float32) are always passed, so
-  the class must declare these three fields; a layer with no hidden width of its own may ignore
-  `d_ff` (an MoE layer uses it as each expert's hidden width). `ffn_kwargs` are the other
-  entries of the config's `model.ffn` (everything but `name`); `build_lm` rejects keys that are
-  not fields of the class, and keys that are contract fields.
+  passing `d_model` and `dtype` (the compute dtype; keep params float32) always, so the class
+  must declare these two fields, and `d_ff` only when the class declares it (the hidden width:
+  the dense FFN's, each expert's in an MoE layer; a memory layer has none). `ffn_kwargs` are
+  the other entries of the config's `model.ffn` (everything but `name`); `build_lm` rejects
+  keys that are not fields of the class, and keys that the model sets.
 * FFN options, declared as class attributes (absent means False):
   - `takes_token_ids: ClassVar[bool] = True` (e.g. "hash_moe", which routes by token id): the
     model also passes its `vocab_size` to the constructor (so the class declares that field and
@@ -30,9 +30,10 @@ in by registering itself, without edits to the model):
     own value table (which it then does not create).
 * Input embedding (optional): `model.embedding={"name": ...}` other than "table" is a Linen
   Module registered with `@EMBEDDINGS.register("name")`, built as
-  `EMBEDDINGS.get(name)(vocab_size=..., d_model=..., dtype=..., name="embed", **kwargs)` and
-  called as `embed(tokens_BT) -> x_BTD`; it must be causal (position t sees tokens <= t) and
-  the model then needs `tie_embeddings=False`.
+  `EMBEDDINGS.get(name)(vocab_size=..., d_model=..., dtype=..., name="embed", **kwargs)`
+  (`vocab_size` only when the class declares it) and called as `embed(tokens_BT) -> x_BTD`;
+  it must be causal (position t sees tokens <= t) and the model then needs
+  `tie_embeddings=False`.
   - `takes_feature_maps: ClassVar[bool] = True` (e.g. "conv_moe"): the layer takes a
     `(B, H, W, C)` feature map instead of `(B, T, D)` tokens; `SmallCNN` passes its maps as
     is (other FFNs get the H W positions as tokens). Such layers do not fit `TransformerLM`.
@@ -44,12 +45,13 @@ in by registering itself, without edits to the model):
   `positions` is "rope" (the layer must apply rotary embeddings to its queries and keys, e.g.
   with `sparsejax.models.apply_rope`) or "learned" (the model adds them to its input; the layer
   does nothing). The layer must be causal.
-* Call: `layer(x_BTD, *, deterministic: bool) -> (y_BTD, aux)` with y_BTD of x_BTD's shape and
-  `aux = {"losses": {name: scalar}, "metrics": {name: array}}` (`sparsejax.auxiliary.empty_aux()`
-  when there is nothing). The model merges every block's aux with keys prefixed by the block path,
-  e.g. "layer_1/ffn/load_balance"; the trainer adds `sum(aux["losses"].values())` to the
-  cross-entropy (so scale a loss by its coefficient inside the layer) and logs `aux["metrics"]`.
-  Randomness, when `deterministic` is False, comes from Linen rng streams (`self.make_rng`).
+* Call: `layer(x_BTD, *, deterministic: bool) -> (y_BTD, aux)`, `deterministic` keyword-only,
+  with y_BTD of x_BTD's shape and `aux = {"losses": {name: scalar}, "metrics": {name: array}}`
+  (`sparsejax.auxiliary.empty_aux()` when there is nothing). The model merges every block's aux
+  with keys prefixed by the block path, e.g. "layer_1/ffn/load_balance"; the trainer adds
+  `sum(aux["losses"].values())` to the cross-entropy (so scale a loss by its coefficient inside
+  the layer) and logs `aux["metrics"]`. Randomness, when `deterministic` is False, comes from
+  Linen rng streams (`self.make_rng`).
 * Params are created with logical axis names (`nn.with_logical_partitioning`, or
   `sparsejax.models.layers.logical_param`) from the names in `sparsejax.sharding`, e.g.
   expert weights ("expert", "embed", "mlp").
@@ -65,6 +67,7 @@ from sparsejax.models.mlp import MLP, build_classifier, lenet_300_100
 from sparsejax.models.transformer import (
     ATTENTION_CONTRACT,
     FFN_CONTRACT,
+    FFN_OPTIONAL,
     TOKEN_IDS_CONTRACT,
     DecoderBlock,
     TransformerLM,
@@ -74,6 +77,7 @@ from sparsejax.models.transformer import (
 __all__ = [
     "ATTENTION_CONTRACT",
     "FFN_CONTRACT",
+    "FFN_OPTIONAL",
     "CausalSelfAttention",
     "DecoderBlock",
     "DenseFFN",

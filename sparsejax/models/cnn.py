@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.auxiliary import Aux, empty_aux, merge_aux
-from sparsejax.models.transformer import FFN_CONTRACT, Kwargs, _check_layer_kwargs
+from sparsejax.models.transformer import (
+    FFN_CONTRACT,
+    FFN_OPTIONAL,
+    Kwargs,
+    _check_layer_kwargs,
+    contract_fields,
+)
 from sparsejax.registry import FFNS
 
 _KERNEL_AXES = (None, None, None, "embed")
@@ -52,8 +58,9 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     ffn_cls = FFNS.get(self.ffn)
-    ffn = ffn_cls(d_model=self.channels, d_ff=self.d_ff, dtype=self.dtype, name="ffn",
-                  **dict(self.ffn_kwargs))
+    ffn = ffn_cls(**contract_fields(ffn_cls, d_model=self.channels, d_ff=self.d_ff,
+                                    dtype=self.dtype),
+                  name="ffn", **dict(self.ffn_kwargs))
     h_BHWC = _conv(self.channels, self.kernel_size, self.channels, "dwconv", self.dtype)(x_BHWC)
     h_BHWC = _layer_norm("norm", self.dtype)(h_BHWC)
     if getattr(ffn_cls, "takes_feature_maps", False):
@@ -71,7 +78,8 @@ class SmallCNN(nn.Module):
 
   Attributes:
     num_classes: Y. channels: C, the width of every block. num_blocks: blocks.
-    d_ff: hidden width passed to each block's FFN (each expert's for MoE layers).
+    d_ff: hidden width passed to each block's FFN that declares it (each expert's for MoE
+      layers).
     kernel_size: of the stem and the depthwise convs.
     ffn: an `FFNS` name for the blocks in `ffn_blocks` (all when None); other blocks use
       "dense". ffn_kwargs: that FFN's own arguments, (name, value) pairs or a mapping. FFNs
@@ -102,7 +110,7 @@ class SmallCNN(nn.Module):
     ffn_cls = FFNS.get(self.ffn)
     if getattr(ffn_cls, "takes_token_ids", False):
       raise ValueError(f"ffn {self.ffn!r} routes by token id, which images do not have")
-    _check_layer_kwargs(FFNS, self.ffn, FFN_CONTRACT, self._kwargs())
+    _check_layer_kwargs(FFNS, self.ffn, FFN_CONTRACT, self._kwargs(), FFN_OPTIONAL)
     if self.ffn_blocks is not None:
       outside = [block for block in self.ffn_blocks if not 0 <= block < self.num_blocks]
       if outside:

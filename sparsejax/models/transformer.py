@@ -21,13 +21,25 @@ from sparsejax.registry import ATTENTIONS, EMBEDDINGS, FFNS, Registry
 
 Kwargs = tuple[tuple[str, Any], ...]
 
-FFN_CONTRACT = ("d_model", "d_ff", "dtype")
+# Every FFN class declares these fields, and the model sets them.
+FFN_CONTRACT = ("d_model", "dtype")
+# Set by the model only in an FFN class that declares it: the hidden width (each expert's).
+FFN_OPTIONAL = ("d_ff",)
 # Also passed to an FFN that declares `takes_token_ids`: the range of the ids it receives.
 TOKEN_IDS_CONTRACT = ("vocab_size",)
 ATTENTION_CONTRACT = ("d_model", "num_heads", "positions", "dtype")
-# Input embeddings other than the plain "table" are built from `EMBEDDINGS` with these fields.
-EMBEDDING_CONTRACT = ("vocab_size", "d_model", "dtype")
+# Input embeddings other than the plain "table" come from `EMBEDDINGS`: these fields always,
+# `vocab_size` when the class declares it.
+EMBEDDING_CONTRACT = ("d_model", "dtype")
+EMBEDDING_OPTIONAL = ("vocab_size",)
 ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def contract_fields(layer_cls: type[nn.Module], **offered: Any) -> dict[str, Any]:
+  """The `offered` constructor fields that `layer_cls` declares (a model offers every contract
+  field; a layer declares only those it uses, e.g. no `d_ff` in a memory layer)."""
+  declared = inspect.signature(layer_cls).parameters
+  return {field: value for field, value in offered.items() if field in declared}
 
 
 def _rms_norm(name: str, dtype: Any) -> nn.RMSNorm:
@@ -75,9 +87,7 @@ class DecoderBlock(nn.Module):
     )
     ffn_cls = FFNS.get(self.ffn)
     ffn = ffn_cls(
-        d_model=self.d_model,
-        d_ff=self.d_ff,
-        dtype=self.dtype,
+        **contract_fields(ffn_cls, d_model=self.d_model, d_ff=self.d_ff, dtype=self.dtype),
         name="ffn",
         **dict(self.ffn_kwargs),
     )
@@ -175,8 +185,12 @@ class TransformerLM(nn.Module):
           name="embed",
       )
     else:  # e.g. "hashed" n-gram multi-hot embeddings; the head is then untied
-      embed = EMBEDDINGS.get(self.embedding)(
-          vocab_size=self.vocab_size, d_model=self.d_model, dtype=self.dtype, name="embed",
+      embed_cls = EMBEDDINGS.get(self.embedding)
+      embed = embed_cls(
+          **contract_fields(
+              embed_cls, vocab_size=self.vocab_size, d_model=self.d_model, dtype=self.dtype
+          ),
+          name="embed",
           **dict(self.embedding_kwargs),
       )
     x_BTD = embed(tokens_BT)
@@ -233,23 +247,21 @@ class TransformerLM(nn.Module):
 
   def _shared_router(self) -> jax.Array:
     """The router weight all selected FFNs share, created by the FFN class as "shared_router"."""
-    ffn = FFNS.get(self.ffn)(
-        d_model=self.d_model,
-        d_ff=self.d_ff,
-        dtype=self.dtype,
-        parent=None,
-        **dict(self._ffn_kwargs()),
-    )
-    return ffn.router_param(self, "shared_router")
+    return self._unbound_ffn().router_param(self, "shared_router")
 
   def _shared_values(self) -> jax.Array:
     """The memory value table all selected FFNs read, created by the FFN class as
     "shared_memory_values"."""
-    ffn = FFNS.get(self.ffn)(
-        d_model=self.d_model, d_ff=self.d_ff, dtype=self.dtype, parent=None,
+    return self._unbound_ffn().values_param(self, "shared_memory_values")
+
+  def _unbound_ffn(self) -> nn.Module:
+    """The configured FFN built outside the module tree, to create params shared by blocks."""
+    ffn_cls = FFNS.get(self.ffn)
+    return ffn_cls(
+        **contract_fields(ffn_cls, d_model=self.d_model, d_ff=self.d_ff, dtype=self.dtype),
+        parent=None,
         **dict(self._ffn_kwargs()),
     )
-    return ffn.values_param(self, "shared_memory_values")
 
   def _block(self, layer: int) -> DecoderBlock:
     """Block `layer`, with the configured FFN when selected by `ffn_layers`, else "dense"."""
@@ -293,7 +305,9 @@ def _validate_lm(lm: TransformerLM) -> None:
     if lm.embedding_kwargs:
       raise ValueError(f"embedding 'table' takes no kwargs, got {dict(lm.embedding_kwargs)}")
   else:
-    _check_layer_kwargs(EMBEDDINGS, lm.embedding, EMBEDDING_CONTRACT, lm.embedding_kwargs)
+    _check_layer_kwargs(
+        EMBEDDINGS, lm.embedding, EMBEDDING_CONTRACT, lm.embedding_kwargs, EMBEDDING_OPTIONAL
+    )
     if lm.tie_embeddings:
       raise ValueError(
           f"embedding {lm.embedding!r} has no vocab table to tie to the output head; set "
@@ -301,7 +315,7 @@ def _validate_lm(lm: TransformerLM) -> None:
       )
   ffn_cls = FFNS.get(lm.ffn)
   ffn_contract = FFN_CONTRACT + (TOKEN_IDS_CONTRACT if _takes_token_ids(ffn_cls) else ())
-  _check_layer_kwargs(FFNS, lm.ffn, ffn_contract, lm.ffn_kwargs)
+  _check_layer_kwargs(FFNS, lm.ffn, ffn_contract, lm.ffn_kwargs, FFN_OPTIONAL)
   _check_layer_kwargs(ATTENTIONS, lm.attention, ATTENTION_CONTRACT, lm.attention_kwargs)
   if lm.shared_router and not getattr(ffn_cls, "shares_router", False):
     sharing = [name for name in FFNS if getattr(FFNS.get(name), "shares_router", False)]
@@ -323,9 +337,17 @@ def _takes_token_ids(ffn_cls: type[nn.Module]) -> bool:
 
 
 def _check_layer_kwargs(
-    registry: Registry, name: str, contract: Sequence[str], kwargs: Kwargs
+    registry: Registry,
+    name: str,
+    contract: Sequence[str],
+    kwargs: Kwargs,
+    optional: Sequence[str] = (),
 ) -> None:
-  """Checks `name` is registered, accepts the contract arguments and every key of `kwargs`."""
+  """Checks `name` is registered, declares the `contract` fields and every key of `kwargs`.
+
+  Keys of `kwargs` may not be `contract` fields, nor `optional` fields the class declares: the
+  model sets those.
+  """
   kind = registry.kind
   layer_cls = registry.get(name)
   accepted = inspect.signature(layer_cls).parameters
@@ -335,17 +357,18 @@ def _check_layer_kwargs(
         f"{kind} {name!r} ({layer_cls.__name__}) lacks the contract fields {missing}; "
         f"every {kind} must accept {', '.join(contract)} (see sparsejax.models)"
     )
-  own_fields = sorted(set(accepted) - set(contract) - {"parent", "name"})
+  model_set = (*contract, *optional)
+  own_fields = sorted(set(accepted) - set(model_set) - {"parent", "name"})
   for key, _ in kwargs:
-    if key in contract:
-      raise ValueError(
-          f"{kind} kwarg {key!r} is set by the model from its own {key}; remove it from the "
-          f"{kind} kwargs"
-      )
     if key not in accepted or key in ("parent", "name"):
       raise ValueError(
           f"unknown {kind} kwarg {key!r} for {kind} {name!r}; accepted: "
           f"{', '.join(own_fields) or '(none)'}"
+      )
+    if key in model_set:
+      raise ValueError(
+          f"{kind} kwarg {key!r} is set by the model from its own {key}; remove it from the "
+          f"{kind} kwargs"
       )
 
 

@@ -1,47 +1,70 @@
-"""PNG heatmaps: decoded independently (chunk CRCs, zlib, filter bytes) back to the pixels."""
+"""Expert-load heatmap: a PNG of the documented size, with title, axis labels, ticks, colour bar."""
 import struct
-import zlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from experiments import plots
 
+LOAD_LE = np.array([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
 
-def decode_png(data: bytes) -> np.ndarray:
-  """A minimal decoder for 8-bit RGB PNGs with filter type 0, checking every CRC."""
+
+def png_size(data: bytes) -> tuple[int, int]:
+  """(width, height) from a PNG's signature and IHDR chunk, the first chunk of every PNG."""
   assert data[:8] == b"\x89PNG\r\n\x1a\n"
-  pos, idat, header = 8, b"", None
-  while pos < len(data):
-    (length,) = struct.unpack(">I", data[pos:pos + 4])
-    kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-    (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-    assert crc == zlib.crc32(kind + body)
-    if kind == b"IHDR":
-      header = struct.unpack(">IIBBBBB", body)
-    elif kind == b"IDAT":
-      idat += body
-    pos += 12 + length
-  width, height, depth, color = header[:4]
-  assert (depth, color) == (8, 2)
-  raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-  assert np.all(raw[:, 0] == 0)
-  return raw[:, 1:].reshape(height, width, 3)
+  length, kind = struct.unpack(">I4s", data[8:16])
+  assert (length, kind) == (13, b"IHDR")
+  return struct.unpack(">II", data[16:24])
 
 
-def test_heatmap_roundtrip(tmp_path):
-  matrix = np.array([[0.0, 0.5], [1.0, 0.25], [0.75, 0.0]])
-  path = tmp_path / "h.png"
-  plots.write_heatmap_png(str(path), matrix, cell=3)
-  image = decode_png(path.read_bytes())
-  assert image.shape == (9, 6, 3)
-  np.testing.assert_array_equal(image[0, 0], [13, 8, 135])  # 0 -> first anchor
-  np.testing.assert_array_equal(image[3, 0], [240, 249, 33])  # max -> last anchor
-  np.testing.assert_array_equal(image[1, 4], [204, 71, 120])  # 0.5 -> middle anchor
-  # 0.25 of the max sits on the second anchor; cells are constant blocks of 3x3.
-  np.testing.assert_array_equal(image[3:6, 3:6], np.broadcast_to([126, 3, 168], (3, 3, 3)))
+def test_write_expert_load_writes_a_readable_png(tmp_path):
+  path = tmp_path / "expert_load.png"
+  plots.write_expert_load(str(path), LOAD_LE, 400, ["layer_0", "layer_1", "layer_3"])
+  width, height = png_size(path.read_bytes())
+  assert (width, height) == (plots.WIDTH_IN * plots.DPI, plots.MIN_HEIGHT_IN * plots.DPI)
+  assert width >= 600
 
 
-def test_heatmap_rejects_bad_shapes():
-  with pytest.raises(ValueError, match="non-empty 2-D"):
-    plots.heatmap_rgb(np.zeros(4))
+def test_figure_has_title_axis_labels_ticks_and_colour_bar():
+  figure = plots.expert_load_figure(LOAD_LE, 400, ["layer_0", "layer_1", "layer_3"])
+  heatmap, colour_bar = figure.axes
+  assert heatmap.get_title() == "expert load at step 400 (fraction of routed tokens)"
+  assert (heatmap.get_xlabel(), heatmap.get_ylabel()) == ("expert", "layer")
+  assert [t.get_text() for t in heatmap.get_yticklabels()] == ["layer_0", "layer_1", "layer_3"]
+  assert list(heatmap.get_xticks()) == [0, 1, 2, 3]
+  np.testing.assert_array_equal(heatmap.images[0].get_array(), LOAD_LE)
+  assert colour_bar.get_ylabel() == "fraction of routed tokens"
+
+
+def test_layer_indices_label_rows_without_names_and_many_experts_get_sparse_ticks():
+  figure = plots.expert_load_figure(np.full((2, 64), 1 / 64), 7)
+  heatmap = figure.axes[0]
+  assert [t.get_text() for t in heatmap.get_yticklabels()] == ["0", "1"]
+  assert list(heatmap.get_xticks()) == list(range(0, 64, 4))
+
+
+def test_taller_figure_for_many_layers(tmp_path):
+  path = tmp_path / "deep.png"
+  plots.write_expert_load(str(path), np.full((24, 8), 1 / 8), 0)
+  _, height = png_size(path.read_bytes())
+  assert height == round((plots.FRAME_IN + 24 * plots.ROW_IN) * plots.DPI)
+
+
+@pytest.mark.parametrize("load, names, match", [
+    (np.zeros(4), None, r"non-empty 2-D matrix \(layers, experts\), got shape \(4,\)"),
+    (np.zeros((0, 4)), None, r"non-empty 2-D matrix \(layers, experts\), got shape \(0, 4\)"),
+    (np.zeros((2, 4)), ["layer_0"], "layer_names has 1 names for 2 layers"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, load, names, match):
+  with pytest.raises(ValueError, match=match):
+    plots.write_expert_load(str(tmp_path / "bad.png"), load, 0, names)
+  assert not (tmp_path / "bad.png").exists()
+
+
+def test_importing_plots_does_not_import_matplotlib():
+  code = "import sys, experiments.plots; print('matplotlib' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == "False"

@@ -6,6 +6,8 @@ import numpy as np
 
 import sparsejax.memory  # noqa: F401 (registers "pkm")
 from experiments import metrics as metrics_lib
+from experiments import run_config
+from experiments import tasks
 from experiments import trainer as trainer_lib
 from experiments.configs import pkm_lm
 from sparsejax.models import build_lm
@@ -15,7 +17,8 @@ MEMORY_METRICS = ("memory_usage", "access_entropy", "top_slot_share")
 
 def test_config_puts_the_memory_in_the_middle_layer():
   config = pkm_lm.get_config()
-  trainer_lib.check_config(config)
+  run_config.check_config(config, tasks.TASKS)
+  tasks.TASKS.get(config.task).check_config(config)
   model = build_lm(config.model, vocab_size=258)
   tokens = jax.ShapeDtypeStruct((1, config.train.seq_len), np.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]

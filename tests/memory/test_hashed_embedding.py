@@ -78,7 +78,7 @@ def test_causal_and_distinguishes_contexts():
 
 def test_bad_fields_are_clear_errors():
   with pytest.raises(ValueError, match="num_hashes must be a positive int, got 0"):
-    HashedEmbedding(vocab_size=258, d_model=8, num_hashes=0)
+    HashedEmbedding(d_model=8, num_hashes=0)
   with pytest.raises(ValueError, match="tokens must be integer ids"):
     hashed_embed(jnp.zeros((4, 2)), jnp.zeros((1, 3)), max_n=2, num_hashes=1)
   config = lm_config()

@@ -15,7 +15,7 @@ from sparsejax.registry import FFNS
 from sparsejax.sharding import logical_to_mesh_sharding, make_mesh, with_rules
 from tests.memory import reference
 
-SMALL = dict(d_model=16, d_ff=32, num_keys=8, k=3, num_heads=2, d_key=8)
+SMALL = dict(d_model=16, num_keys=8, k=3, num_heads=2, d_key=8)
 
 
 def inputs(batch=2, length=5, d_model=16, seed=0):
@@ -104,8 +104,7 @@ def test_param_shapes_and_logical_axes():
 
 
 def test_sharded_forward_equals_unsharded():
-  layer = ProductKeyMemory(d_model=16, d_ff=32, num_keys=16, k=4, num_heads=2, d_key=8,
-                           gated=True)
+  layer = ProductKeyMemory(d_model=16, num_keys=16, k=4, num_heads=2, d_key=8, gated=True)
   x_BTD = inputs(batch=4, length=6)
   variables = init(layer, x_BTD)
   want_BTD, want_aux = jax.jit(layer.apply)(variables, x_BTD)

@@ -62,7 +62,7 @@ def test_sharing_needs_a_memory_ffn():
 
 
 def test_wrong_shared_table_shape_is_an_error():
-  layer = ProductKeyMemory(d_model=16, d_ff=32, num_keys=6, k=3, num_heads=2, d_key=8)
+  layer = ProductKeyMemory(d_model=16, num_keys=6, k=3, num_heads=2, d_key=8)
   x = jnp.zeros((1, 2, 16))
   with pytest.raises(ValueError, match=r"values_ND must have shape \(num_keys\^2, d_model\) = "
                                        r"\(36, 16\), got \(35, 16\)"):
@@ -70,7 +70,7 @@ def test_wrong_shared_table_shape_is_an_error():
 
 
 def test_value_rows_not_divisible_by_the_model_axis_is_an_error():
-  layer = ProductKeyMemory(d_model=16, d_ff=32, num_keys=3, k=2, num_heads=1, d_key=8)
+  layer = ProductKeyMemory(d_model=16, num_keys=3, k=2, num_heads=1, d_key=8)
   x = jnp.zeros((1, 2, 16))
   with jax.set_mesh(make_mesh(data=2, model=4)), with_rules():
     with pytest.raises(ValueError, match=r"memory_size=9 \(num_keys=3 squared\) is not divisible "

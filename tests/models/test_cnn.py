@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsejax.memory  # noqa: F401  (registers "pkm")
 import sparsejax.moe  # noqa: F401  (registers "moe" and "conv_moe")
 from sparsejax.models import SmallCNN
 
@@ -51,6 +52,16 @@ def test_moe_and_conv_moe_blocks_train_and_report_expert_load():
   tokens_logits, tokens_aux = jax.jit(tokens.apply)(variables, _images())
   np.testing.assert_allclose(tokens_logits, logits, rtol=1e-5, atol=1e-6)
   assert set(tokens_aux["metrics"]) == set(aux["metrics"])
+
+
+def test_an_ffn_without_d_ff_gets_none():
+  memory = _cnn(ffn="pkm", ffn_kwargs=(("num_keys", 4), ("k", 2), ("num_heads", 1),
+                                       ("d_key", 4)), ffn_blocks=(0,))
+  variables = memory.init(jax.random.PRNGKey(0), _images())
+  logits, aux = memory.apply(variables, _images())
+  assert logits.shape == (2, 3)
+  assert "values" in variables["params"]["block_0"]["ffn"]
+  assert 0 < aux["metrics"]["block_0/ffn/memory_usage"] <= 1
 
 
 @pytest.mark.parametrize("kwargs,images_shape,match", [

@@ -1,4 +1,5 @@
 """Tests for the dense layers and the TransformerLM, against independent NumPy references."""
+import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +12,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.models import CausalSelfAttention, DenseFFN, TransformerLM, apply_rope, build_lm
-from sparsejax.registry import ATTENTIONS, FFNS
+from sparsejax.models.transformer import contract_fields
+from sparsejax.registry import ATTENTIONS, FFNS, MODELS
 from sparsejax.sharding import logical_to_mesh_sharding, make_mesh, with_rules
 
 TINY = dict(vocab_size=32, d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=8)
@@ -19,10 +21,9 @@ TINY = dict(vocab_size=32, d_model=16, num_layers=2, num_heads=4, d_ff=32, max_l
 
 @FFNS.register("test_toy_loss")
 class ToyLossFFN(nn.Module):
-  """Scales x by a learned vector and reports a constant loss and the mean |x|."""
+  """Scales x by a learned vector and reports a constant loss and the mean |x|; has no d_ff."""
 
   d_model: int
-  d_ff: int
   dtype: Any = jnp.float32
   loss_value: float = 1.0
 
@@ -388,6 +389,10 @@ def test_build_lm_defaults_the_optional_fields():
         ),
         ({"ffn": {"name": "dense", "d_ff": 64}}, "ffn kwarg 'd_ff' is set by the model"),
         (
+            {"ffn": {"name": "test_toy_loss", "d_ff": 64}},
+            "unknown ffn kwarg 'd_ff' for ffn 'test_toy_loss'; accepted: loss_value",
+        ),
+        (
             {"attention": {"name": "dense", "window": 4}},
             "unknown attention kwarg 'window' for attention 'dense'; accepted: rope_max_wavelength",
         ),
@@ -416,6 +421,32 @@ def test_a_layer_missing_a_contract_field_is_reported():
   with pytest.raises(ValueError) as error:
     TransformerLM(**TINY, ffn="test_no_dtype")
   assert "ffn 'test_no_dtype' (NoDtypeFFN) lacks the contract fields ['dtype']" in str(error.value)
+
+
+def test_contract_fields_keeps_only_the_fields_a_layer_declares():
+  offered = dict(d_model=16, d_ff=32, dtype=jnp.bfloat16)
+  assert contract_fields(DenseFFN, **offered) == offered
+  assert contract_fields(ToyLossFFN, **offered) == dict(d_model=16, dtype=jnp.bfloat16)
+
+
+def _models_and_memory_layers():
+  registered = [
+      (f"{registry.kind}:{name}", registry.get(name))
+      for registry in (MODELS, FFNS, ATTENTIONS)
+      for name in registry
+  ]
+  return [
+      pytest.param(layer_cls, id=name)
+      for name, layer_cls in registered
+      if isinstance(layer_cls, type)
+      and layer_cls.__module__.startswith(("sparsejax.models", "sparsejax.memory"))
+  ]
+
+
+@pytest.mark.parametrize("layer_cls", _models_and_memory_layers())
+def test_deterministic_is_keyword_only(layer_cls):
+  deterministic = inspect.signature(layer_cls.__call__).parameters["deterministic"]
+  assert deterministic.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_sequence_longer_than_max_len_is_rejected():
