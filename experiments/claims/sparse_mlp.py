@@ -9,7 +9,8 @@ mean ± sample std of test accuracy), DIR defaulting to `experiments/claims/resu
 
 Each run is exactly what `python -m experiments.train --config=experiments/configs/sparse_mlp.py:
 METHOD --config.seed=SEED` computes: the same params and mask initialisation, optimizer, train
-step (`trainer.make_train_step`), batch order (`IndexSampler(seed)`) and test-set evaluation,
+step (`trainer.make_train_step`), batch order (`loader.global_order(seed)`) and test-set
+evaluation,
 but the steps run as one `lax.scan` and the seeds of a (method, sparsity) as one `vmap`, so
 the 27 runs take well under a minute on a 2-core CPU instead of minutes through the Python loop.
 """
@@ -25,12 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import optim
+from experiments import tasks
 from experiments import trainer
 from experiments.configs import sparse_mlp
 from experiments.data import digits
-from experiments.data import IndexSampler
+from experiments.data import loader
 from sparsejax import masks
-from sparsejax import models
 
 SPARSITIES = (0.9, 0.98)
 SEEDS = (0, 1, 2)
@@ -42,10 +44,10 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, num_featu
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = nn.meta.unbox(model.init({"params": init_rng}, jnp.zeros((1, num_features))))
   params = variables.pop("params")
-  tx, schedule = trainer.make_optimizer(config.train)
+  tx, schedule = optim.make_optimizer(config.train)
   if config.sparsity.enabled:
-    tx, mask = trainer.make_sparse_optimizer(tx, config.sparsity, jax.device_get(params),
-                                             config.seed)
+    tx, mask = optim.make_sparse_optimizer(tx, config.sparsity, jax.device_get(params),
+                                           config.seed)
     params = mask.apply(params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": variables,
            "opt_state": tx.init(params), "rng": train_rng}
@@ -53,9 +55,9 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, num_featu
 
 
 def batch_indices(num_examples: int, seed: int, num_steps: int, batch_size: int) -> np.ndarray:
-  """The trainer's training order: int [num_steps, batch_size] from `IndexSampler(seed)`."""
-  order = IndexSampler(num_examples, seed).indices(0, num_steps * batch_size)
-  return order.reshape(num_steps, batch_size)
+  """The trainer's training order: int [num_steps, batch_size] from `loader.global_order`."""
+  order = loader.global_order(num_examples, seed)
+  return np.array([order[p] for p in range(num_steps * batch_size)]).reshape(num_steps, batch_size)
 
 
 def seed_configs(method: str, density: float, seeds: Sequence[int], num_steps: int | None = None,
@@ -82,11 +84,12 @@ def train_seeds(method: str, density: float, seeds: Sequence[int],
   train, test = digits.load_digits("train"), digits.load_digits("test")
   configs = seed_configs(method, density, seeds, num_steps, overrides)
   cfg = configs[0]
-  model = models.build_classifier(cfg.classifier, digits.NUM_CLASSES)
+  task = tasks.TASKS.get("classify")(cfg)
+  model = task.model
   starts = [initial_state(c, model, digits.NUM_FEATURES) for c in configs]
   _, tx, schedule = starts[0]  # same updater and schedule for every seed; masks live in the state
   sparse = cfg.sparsity.enabled
-  step = trainer.make_train_step(model, tx, schedule, trainer.masked_params if sparse else None)
+  step = trainer.make_train_step(task, tx, schedule, optim.masked_params if sparse else None)
   state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for s, _, _ in starts])
   idx_SNB = np.stack([batch_indices(train.num_examples, c.seed, cfg.train.num_steps,
                                     cfg.train.batch_size) for c in configs])
@@ -97,15 +100,15 @@ def train_seeds(method: str, density: float, seeds: Sequence[int],
       batch = {"inputs": inputs[idx_B], "targets": labels[idx_B],
                "weights": jnp.ones(idx_B.shape, jnp.float32)}
       state, metrics = step(state, batch)
-      return state, metrics["finite"]
+      return state, metrics["finite/loss"] & metrics["finite/update"]
 
     state, finite = jax.lax.scan(body, state, idx_NB)
     weights = state["params"]
     if sparse:
-      weights = trainer.masked_params(weights, state["opt_state"])
+      weights = optim.masked_params(weights, state["opt_state"])
     logits, _ = model.apply({"params": weights, **state["model_state"]}, jnp.asarray(test.inputs))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(test.labels))
-    kept = (trainer.density_metrics(masks.get_mask(state["opt_state"]))["density/global"]
+    kept = (optim.density_metrics(masks.get_mask(state["opt_state"]))["density/global"]
             if sparse else jnp.ones(()))
     return accuracy, kept, jnp.all(finite)
 

@@ -59,7 +59,7 @@ def _mask_counts(mask):
 
 def test_dense_classifier_has_no_mask(tmp_path):
   t = trainer_for(tiny_config("dense"), tmp_path)
-  assert t.initial_mask is None and t.classify
+  assert t.initial_mask is None and t.config.task == "classify" and t.task.unit == "examples"
   t.close()
 
 
