@@ -19,8 +19,8 @@ dict, the same on every process, restoring on any process count, mesh or batch s
 Evaluation batches. `eval_batches` (windows) and `digits.eval_batches` (classification) are
 deterministic lists of global batches; `loader.take_rows(batch, rows)` is a process's part.
 
-`IndexSampler` and `train_batch` (`digits.train_batch`) are the previous training path, every
-host reading the whole global batch; they stay until every caller uses the loader.
+`IndexSampler` (a NumPy permutation per epoch) is the order of the memory-finetuning claim's
+own loop; the trainer reads through the loader.
 """
 from experiments.data import digits
 from experiments.data import images
@@ -34,7 +34,6 @@ from experiments.data.pipeline import eval_batches
 from experiments.data.pipeline import IndexSampler
 from experiments.data.pipeline import load_windows
 from experiments.data.pipeline import PAD_ID
-from experiments.data.pipeline import train_batch
 from experiments.data.pipeline import VOCAB_SIZE
 from experiments.data.pipeline import WindowDataset
 from experiments.data.stdlib_corpus import PythonStdlib

@@ -12,15 +12,13 @@ That gives 1438 train and 359 test images, identical on every machine.
 A split is an `ArrayDataset`, a random-access source for `experiments.data.loader`: `ds[i]` is
 the example {"inputs": float32 [64], "targets": int32 [], "weights": float32 [] = 1}. Batches
 have the trainer's shape: {"inputs": float32 [B, 64], "targets": int32 [B], "weights":
-float32 [B]} (weight 0 marks padding). `train_batch` (order from `experiments.data.IndexSampler`)
-is the previous training path, kept until every caller uses the loader.
+float32 [B]} (weight 0 marks padding).
 """
 import dataclasses
 import functools
 
 import numpy as np
 
-from experiments.data.pipeline import IndexSampler
 
 NAME = "digits"
 NUM_CLASSES = 10
@@ -94,17 +92,6 @@ def load_digits(split: str) -> ArrayDataset:
 def _batch(ds: ArrayDataset, indices: np.ndarray, num_real: int) -> dict[str, np.ndarray]:
   weights = (np.arange(len(indices)) < num_real).astype(np.float32)
   return {"inputs": ds.inputs[indices], "targets": ds.labels[indices], "weights": weights}
-
-
-def train_batch(ds: ArrayDataset, sampler: IndexSampler, position: int,
-                batch_size: int) -> dict[str, np.ndarray]:
-  """The training batch at sampler `position`: examples `sampler.indices(position, B)`."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
-  if sampler.num_windows != ds.num_examples:
-    raise ValueError(f"sampler covers {sampler.num_windows} examples, the dataset has "
-                     f"{ds.num_examples}")
-  return _batch(ds, sampler.indices(position, batch_size), batch_size)
 
 
 def eval_batches(ds: ArrayDataset, batch_size: int) -> list[dict[str, np.ndarray]]:

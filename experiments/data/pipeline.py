@@ -10,8 +10,8 @@ training batches through Grain: `len(ds)` windows, `ds[i]` the example {"inputs"
 "targets": int32 [T], "weights": float32 [T]} of window i (targets shifted by one, weight 0
 where the target is PAD_ID). `eval_batches` gives deterministic evaluation batches.
 
-`IndexSampler` and `train_batch` are the previous training order (a NumPy permutation per
-epoch, every host reading the whole global batch), kept until every caller uses the loader.
+`IndexSampler` is a NumPy permutation per epoch, the order `experiments.claims.memory_finetune`
+draws its own batches in (its published table was made with it); the trainer uses the loader.
 
 Data comes from TFDS array_record files through `builder.as_data_source()` (random access, no
 TensorFlow). Per-record token offsets let `window(i)` read only the records it overlaps; splits
@@ -342,22 +342,6 @@ def _make_examples(windows_L: np.ndarray) -> dict[str, np.ndarray]:
       "targets": targets_T,
       "weights": (targets_T != PAD_ID).astype(np.float32),
   }
-
-
-def train_batch(
-    ds: WindowDataset, sampler: IndexSampler, position: int, batch_size: int
-) -> dict[str, np.ndarray]:
-  """The training batch at sampler `position`: windows at `sampler.indices(position, B)`.
-
-  A run's data state is `position`; after this batch it is `position + batch_size`.
-  """
-  _check_positive("batch_size", batch_size)
-  if sampler.num_windows != ds.num_windows:
-    raise ValueError(
-        f"sampler.num_windows={sampler.num_windows} does not match the dataset's"
-        f" num_windows={ds.num_windows}"
-    )
-  return _make_examples(ds.windows(sampler.indices(position, batch_size)))
 
 
 def eval_batches(

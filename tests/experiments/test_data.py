@@ -185,11 +185,13 @@ def test_tiny_windows_by_hand(in_memory):
 
 def test_train_batch_layout(stdlib_dir):
   ds = data.load_windows("python_stdlib", "validation", 32, data_dir=stdlib_dir)
-  sampler = data.IndexSampler(ds.num_windows, seed=3)
-  last_at = int(np.flatnonzero(sampler.indices(0, ds.num_windows) == ds.num_windows - 1)[0])
+  order = data.loader.global_order(ds.num_windows, seed=3)
+  last_at = next(p for p in range(ds.num_windows) if order[p] == ds.num_windows - 1)
   position = max(last_at - 32, 0)  # a batch holding the padded last window
-  batch = data.train_batch(ds, sampler, position, 64)
-  indices = sampler.indices(position, 64)
+  batches = data.make_train_iterator(ds, global_batch_size=64, seed=3, rows=np.arange(64))
+  batches.set_state({**batches.get_state(), "position": position})
+  batch = next(batches)
+  indices = [order[position + r] for r in range(64)]
   assert ds.num_windows - 1 in indices
   windows = np.stack([ds.window(i) for i in indices])
   np.testing.assert_array_equal(batch["inputs"], windows[:, :-1])
@@ -337,13 +339,9 @@ def test_batch_and_sampler_errors():
   ds = tiny_dataset()
   sampler = data.IndexSampler(ds.num_windows, seed=0)
   with pytest.raises(ValueError, match="batch_size=0"):
-    data.train_batch(ds, sampler, 0, 0)
-  with pytest.raises(ValueError, match="batch_size=0"):
     data.eval_batches(ds, 0, 1)
   with pytest.raises(ValueError, match="num_batches=0"):
     data.eval_batches(ds, 1, 0)
-  with pytest.raises(ValueError, match="num_windows=3"):
-    data.train_batch(ds, data.IndexSampler(3, seed=0), 0, 1)
   with pytest.raises(ValueError, match="seed=-1"):
     data.IndexSampler(3, seed=-1)
   with pytest.raises(ValueError, match="position=-1"):

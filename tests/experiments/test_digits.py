@@ -38,16 +38,6 @@ def test_split_is_deterministic_and_in_stored_order():
   assert rows == sorted(rows)
 
 
-def test_train_batch_follows_the_sampler():
-  train = digits.load_digits("train")
-  sampler = data.IndexSampler(train.num_examples, seed=3)
-  batch = digits.train_batch(train, sampler, position=1430, batch_size=16)  # crosses an epoch
-  idx = sampler.indices(1430, 16)
-  np.testing.assert_array_equal(batch["inputs"], train.inputs[idx])
-  np.testing.assert_array_equal(batch["targets"], train.labels[idx])
-  np.testing.assert_array_equal(batch["weights"], np.ones(16, np.float32))
-
-
 def test_split_is_a_random_access_source_of_examples():
   train = digits.load_digits("train")
   assert len(train) == 1438
@@ -77,7 +67,5 @@ def test_errors():
   with pytest.raises(ValueError, match="split='validation' does not exist; allowed: train, test"):
     digits.load_digits("validation")
   train = digits.load_digits("train")
-  with pytest.raises(ValueError, match="sampler covers 5 examples"):
-    digits.train_batch(train, data.IndexSampler(5, 0), 0, 4)
   with pytest.raises(ValueError, match="batch_size"):
     digits.eval_batches(train, 0)
