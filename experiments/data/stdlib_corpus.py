@@ -93,12 +93,15 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
     )
 
   def _log_download_bytes(self) -> None:
-    """Announces the preparation (TFDS would print "Downloading and preparing dataset")."""
+    """Announces the preparation (TFDS would print "Downloading and preparing dataset") and
+    keeps TFDS's progress bars off the console until it is done (it takes seconds)."""
+    tfds.disable_progress_bar()
     num_files = len(list_sources(stdlib_root()))
     print(f"preparing the embedded corpus {NAME} ({num_files} files of Python"
           f" {platform.python_version()}) ...", flush=True)
 
   def _log_download_done(self) -> None:
+    tfds.enable_progress_bar()
     print(f"prepared {NAME} in {self.data_dir}", flush=True)
 
   def _split_generators(self, dl_manager):
