@@ -129,8 +129,10 @@ class Trainer:
       self.rows = loader.process_rows(self.batch_sharding, config.train.batch_size)
       self.data = self._train_iterator(self.rows)
       self.tx, self.schedule = optim.make_optimizer(config.train)
-      self._init_params = self._initial_params(load=fresh and config.init.from_workdir is not None)
-      self.initial_mask = self._make_sparse_optimizer() if config.sparsity.enabled else None
+      self._init_params, model_state = self._initial_variables(
+          load=fresh and config.init.from_workdir is not None)
+      self.initial_mask = (self._make_sparse_optimizer(model_state) if config.sparsity.enabled
+                           else None)
       self._init_abstract_state()  # traces the model: layers check their settings here
     except ValueError as e:
       self.checkpoints.close()
@@ -155,22 +157,21 @@ class Trainer:
     """All variable collections: "params" plus any state a layer keeps (e.g. router biases)."""
     return self.task.model.init({"params": rng}, self.task.init_inputs())
 
-  def _initial_params(self, load: bool) -> Any | None:
-    """Host params training starts from, when they are needed before the state is built: those
-    of `config.init.from_workdir` (`load`), or the fresh draw when a mask is scored on them."""
+  def _initial_variables(self, load: bool) -> tuple[Any, Any]:
+    """(params, model_state) training starts from, as host arrays, when needed before the state
+    is built: the params of `config.init.from_workdir` (`load`), or the fresh draw when a mask
+    is scored on them; (None, None) otherwise."""
     if not (load or self.config.sparsity.enabled):
-      return None
+      return None, None
     init_rng, _ = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    variables = jax.device_get(nn.meta.unbox(self._init_variables_boxed(init_rng)))
-    self._mask_model_state = variables
-    params = variables.pop("params")
-    return warm_start.load_params(self.config.init, params) if load else params
+    model_state = jax.device_get(nn.meta.unbox(self._init_variables_boxed(init_rng)))
+    params = model_state.pop("params")
+    return (warm_start.load_params(self.config.init, params) if load else params), model_state
 
-  def _make_sparse_optimizer(self) -> masks.Mask:
+  def _make_sparse_optimizer(self, model_state: Any) -> masks.Mask:
     """Wraps `self.tx` for sparse training; the initial mask, scored on the initial params."""
     sparsity = self.config.sparsity
     optim.check_sparsity(sparsity)
-    model_state = self._mask_model_state
     grad_fn = jax.grad(lambda p, b: objective(self.task, p, model_state, b, deterministic=True)[0])
 
     def first_batches(n):  # whole global batches: the scores are computed on the host

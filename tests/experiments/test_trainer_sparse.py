@@ -83,6 +83,9 @@ def test_rigl_keeps_exact_density_and_zeros_and_eval_matches_numpy(tmp_path):
     assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)  # masked weights exactly zero
   records = metrics_lib.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == list(range(1, 9))
+  for r in records[1:]:  # a classifier counts examples, not tokens
+    assert "tokens_per_sec" not in r
+    assert r["examples_per_sec"] == pytest.approx(r["steps_per_sec"] * 16)
   for r in records:
     assert r["density/global"] == pytest.approx(target / sum(sizes.values()), abs=1e-7)
     for path in kernels:
