@@ -8,6 +8,7 @@ folder, a stray folder beside the good ones) is reported in one line, moved to
 """
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,23 @@ class CheckpointError(RuntimeError):
 def _first_line(error: Exception) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _ignore_closed_loop_errors() -> None:
+  """From now on, drops the "Event loop is closed" errors that the other array reads of a failed
+  restore raise when TensorStore completes them on Orbax's closed loop (before and after the
+  restore raises); any other unraisable error still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_errors", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True
+  sys.unraisablehook = hook
 
 
 class Checkpoints:
@@ -65,6 +83,8 @@ class Checkpoints:
     over them).
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
+    if steps:
+      _ignore_closed_loop_errors()
     for step in steps:
       try:
         state, meta = self.restore(step, abstract_state)

@@ -92,8 +92,12 @@ def initialize_distributed(flag: str, environ: Mapping[str, str] = os.environ,
 
 
 def _fail(message: str) -> None:
+  """Prints the one-line error and exits 1 at once: library threads that are still winding down
+  (e.g. the checkpoint reader of a step that failed to restore) must not print after it."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
 
 
 _OVERRIDES: list[str] = []  # the --config.a.b=v arguments, applied after the file is loaded
