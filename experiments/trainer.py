@@ -116,12 +116,13 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     run_config.check_config(config, tasks.TASKS)
     run_config.check_workdir(workdir)
-    run_config.check_resume(config, workdir)
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh(config, devices)
     self.checkpoints = ckpt_lib.Checkpoints(workdir, config.checkpoint.keep)
     fresh = self.checkpoints.latest_step() is None
     try:
+      if not fresh:  # a run without checkpoints may restart with any config
+        run_config.check_resume(config, workdir)
       task_class = tasks.TASKS.get(config.task)
       task_class.check_config(config)
       self.task = _build_task(task_class, config)

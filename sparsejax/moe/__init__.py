@@ -1,6 +1,8 @@
 """Mixture of experts: dispatch plans, routers, balancing, dispatch/combine, experts, layers.
 
-Dropless experts run on `kernels.gmm`, the grouped matmul.
+`core.moe_apply` is the token-routed layer as one pure function (route -> capacity -> experts
+-> aux) into which the layers plug a router function and an expert function. Dropless experts
+run on `kernels.gmm`, the grouped matmul.
 
 Importing this package registers the routers in `ROUTERS` and the "moe", "soft_moe",
 "hash_moe", "lora_moe" (LoRA experts over a shared FFN) and "conv_moe" (NHWC feature maps)
@@ -10,6 +12,7 @@ layers in `FFNS`. `upcycle.upcycle_params` turns a dense LM's params into an MoE
 from sparsejax.moe import assignment
 from sparsejax.moe import balance
 from sparsejax.moe import conv
+from sparsejax.moe import core
 from sparsejax.moe import dispatch
 from sparsejax.moe import experts
 from sparsejax.moe import hash_layer
@@ -21,6 +24,7 @@ from sparsejax.moe import routing
 from sparsejax.moe import soft
 from sparsejax.moe import upcycle
 from sparsejax.moe.conv import ConvMoE
+from sparsejax.moe.core import moe_apply
 from sparsejax.moe.hash_layer import HashMoE
 from sparsejax.moe.layers import MoE
 from sparsejax.moe.layers import SoftMoE

@@ -15,8 +15,10 @@ Shape letters beyond the DESIGN legend: H, W the feature map's height and width,
 """
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 
+from sparsejax.auxiliary import Aux
 from sparsejax.moe.layers import MoE
 from sparsejax.registry import FFNS
 
@@ -25,21 +27,23 @@ from sparsejax.registry import FFNS
 class ConvMoE(MoE):
   """The MoE layer on the H W positions of an NHWC map: `(B, H, W, C)` -> `(B, H, W, C)`.
 
-  Fields, params, routers, capacity and aux are exactly the MoE layer's (d_model = C); only
-  the input is a 4-D feature map instead of a token sequence. `takes_feature_maps` tells a
-  model (`sparsejax.models.SmallCNN`) to pass the map as is; a TransformerLM cannot use it.
+  Fields, params, routers, capacity and aux are exactly the MoE layer's (d_model = C), and so
+  is the path: the map is reshaped to its B H W tokens for the same `core.moe_apply`; only the
+  input layout differs, hence a subclass that changes `__call__` alone. `takes_feature_maps`
+  tells a model (`sparsejax.models.SmallCNN`) to pass the map as is; a TransformerLM cannot
+  use it.
   """
   takes_feature_maps: ClassVar[bool] = True
   shares_router: ClassVar[bool] = False  # no model of feature maps shares routers
 
-  def __call__(self, x_BHWC: jax.Array, deterministic: bool = True,
-               router_DE: jax.Array | None = None):
+  @nn.compact
+  def __call__(self, x_BHWC: jax.Array, *, deterministic: bool = True,
+               router_DE: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     """Returns (y_BHWC, aux), aux as MoE's. `router_DE`: see MoE."""
     if x_BHWC.ndim != 4 or x_BHWC.shape[-1] != self.d_model:
       raise ValueError(f"conv_moe needs a 4-D (B, H, W, C) feature map with C = d_model = "
                        f"{self.d_model}, got shape {x_BHWC.shape}; use 'moe' for (B, T, D) "
                        f"token sequences")
-    batch, height, width, channels = x_BHWC.shape
-    y_BTC, aux = super().__call__(x_BHWC.reshape(batch, height * width, channels),
-                                  deterministic=deterministic, router_DE=router_DE)
-    return y_BTC.reshape(x_BHWC.shape), aux
+    y_TC, aux = self._tokens(x_BHWC.reshape(-1, self.d_model), deterministic=deterministic,
+                             router_DE=router_DE)
+    return y_TC.reshape(x_BHWC.shape), aux

@@ -1,84 +1,82 @@
 """Hash layers: the MoE FFN routed by a fixed token-id -> expert table instead of a router."""
-from typing import ClassVar
+import functools
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.moe import balance
-from sparsejax.moe import plan as plan_lib
+from sparsejax.auxiliary import Aux
+from sparsejax.moe import core
+from sparsejax.moe import experts
 from sparsejax.moe import routing
-from sparsejax.moe.layers import MoE, fields_off_default
+from sparsejax.moe.layers import ffn_expert_fn
+from sparsejax.moe.layers import ffn_params
 from sparsejax.registry import FFNS
 
 HASH_TABLES = ("random", "balanced")
-# MoE fields that configure a learned router; a hash layer has none, so they keep their defaults.
-ROUTER_FIELDS = ("k", "router", "router_kwargs", "jitter", "bias_update_rate",
-                 "load_balance_weight", "importance_weight", "z_loss_weight")
+
+
+def route_token_ids(params: core.Params, x_TD: jax.Array, bias_E: jax.Array | None, *,
+                    token_ids_T: jax.Array, table_V: jax.Array, num_experts: int
+                    ) -> core.Routing:
+  """The `core.RouterFn` of hash layers: token t to expert table_V[id_t], gate 1, no logits.
+
+  Reads neither params nor x, and takes no selection bias (`routing.route_hash`).
+  """
+  del params, x_TD, bias_E  # The table alone routes.
+  plan, aux = routing.route_hash(token_ids_T, table_V=table_V, num_experts=num_experts)
+  return core.Routing(plan, None, aux)
 
 
 @FFNS.register("hash_moe")
-class HashMoE(MoE, kw_only=True):
+class HashMoE(nn.Module):
   """Hash-routed experts: y_t = FFN_{h(id_t)}(x_t) (+ shared experts' FFN(x_t)), gate 1.
 
   h: [V] -> [0, E) is a static table built at trace time: "random" draws h(v) uniformly
   (`routing.make_hash_table` with `seed`); "balanced" packs ids by their unigram frequency so
-  that expected expert loads are even (`routing.make_balanced_hash_table`). There are no router
-  params and no balancing loss; experts, capacity and shared experts are the MoE layer's (same
-  param names, so `sparsejax.moe.upcycle` applies). Token ids must lie in [0, V). Roller et al.,
-  2021, "Hash Layers For Large Sparse Models".
+  that expected expert loads are even (`routing.make_balanced_hash_table`). `core.moe_apply`
+  with the router function `route_token_ids` and the MoE layer's expert function
+  `core.ffn_experts`: no router params, no balancing loss, capacity dropping by position; the
+  expert params are the MoE layer's (same names, so `sparsejax.moe.upcycle` applies). Token
+  ids must lie in [0, V). Roller et al., 2021, "Hash Layers For Large Sparse Models".
 
-  Attributes (beyond MoE's expert, capacity, shared-expert and dtype fields):
+  Attributes:
+    d_model: D. d_ff: F, hidden size of each expert (and of each shared expert).
     vocab_size: V. In a `TransformerLM` the model passes its own (see `takes_token_ids`).
+    num_experts: E.
     hash_table: "random" or "balanced".
     token_frequencies: a non-negative weight per token id (length V); required for
       "balanced", unused by "random". Configs may write "train", which the trainer replaces
       with the training split's unigram frequencies before building the model.
     seed: seed of the "random" table.
-  MoE's router fields (`ROUTER_FIELDS`: k, router, router_kwargs, ...) must keep their defaults.
+    capacity_factor, capacity_multiple, expert, num_shared_experts, implementation, tile,
+      expert_parallel, ep_buffer_factor, ep_num_chunks, ep_exchange, dtype, param_dtype: as
+      the MoE layer's.
   """
   takes_token_ids: ClassVar[bool] = True
-  shares_router: ClassVar[bool] = False
+  d_model: int
+  d_ff: int
   vocab_size: int
+  num_experts: int = 8
   hash_table: str = "random"
   token_frequencies: tuple[float, ...] | None = None
   seed: int = 0
-  k: int = 1
-  load_balance_weight: float = 0.0
-  z_loss_weight: float = 0.0
+  capacity_factor: float | None = None
+  capacity_multiple: int = 1
+  expert: str = "swiglu"
+  num_shared_experts: int = 0
+  implementation: str = "auto"
+  tile: int = 128
+  expert_parallel: bool | str = "auto"
+  ep_buffer_factor: float | None = None
+  ep_num_chunks: int = 1
+  ep_exchange: str = "all_to_all"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x_BTD: jax.Array, token_ids_BT: jax.Array, deterministic: bool = True):
-    """Returns (y_BTD, {"losses": {}, "metrics": {name: array}}), metrics as `_load_metrics`."""
-    del deterministic  # Hash routing has no training-only behaviour.
-    self._validate()
-    batch, length, d_model = x_BTD.shape
-    if token_ids_BT.shape != (batch, length):
-      raise ValueError(f"token_ids_BT must have shape {(batch, length)} (x_BTD's B, T), got "
-                       f"{token_ids_BT.shape}")
-    x_TD = x_BTD.reshape(batch * length, d_model).astype(self.dtype)
-    routed, _ = routing.route_hash(token_ids_BT.reshape(-1), table_V=jnp.asarray(self.table_V()),
-                                   num_experts=self.num_experts)
-    plan = self._limit_capacity(routed)
-    y_TD = self._run_experts(x_TD, plan)
-    if self.num_shared_experts:
-      y_TD = y_TD + self._shared_experts(x_TD)
-    aux = {"losses": {}, "metrics": _load_metrics(routed, plan)}
-    return y_TD.reshape(batch, length, d_model), aux
-
-  def table_V(self) -> np.ndarray:
-    """h: the expert of each token id, int32 `[V]`, a constant of the trace."""
-    if self.hash_table == "random":
-      return routing.make_hash_table(self.vocab_size, self.num_experts, self.seed)
-    return routing.make_balanced_hash_table(np.asarray(self.token_frequencies), self.num_experts)
-
-  def _validate(self) -> None:
-    changed = sorted(fields_off_default(self, ROUTER_FIELDS))
-    if changed:
-      raise ValueError(f"hash_moe routes by a fixed table and has no learned router; remove "
-                       f"{changed} (allowed only at their defaults)")
-    super()._validate()
+  def __post_init__(self):
     vocab = self.vocab_size
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
       raise ValueError(f"vocab_size must be a positive int, got {self.vocab_size!r}")
@@ -88,6 +86,11 @@ class HashMoE(MoE, kw_only=True):
       self._check_frequencies()
     elif self.hash_table == "balanced":
       raise ValueError("hash_table='balanced' needs token_frequencies (one weight per token id)")
+    experts.check_expert_kind(self.expert)
+    core.check_capacity_settings(self.capacity_factor, "position")
+    core.check_expert_parallel_settings(self.expert_parallel, self.ep_buffer_factor,
+                                        self.ep_num_chunks, self.ep_exchange)
+    super().__post_init__()
 
   def _check_frequencies(self) -> None:
     if isinstance(self.token_frequencies, str):
@@ -99,15 +102,26 @@ class HashMoE(MoE, kw_only=True):
       raise ValueError(f"token_frequencies must be {self.vocab_size} (vocab_size) non-negative "
                        f"numbers, got shape {freqs_V.shape}")
 
+  def table_V(self) -> np.ndarray:
+    """h: the expert of each token id, int32 `[V]`, a constant of the trace."""
+    if self.hash_table == "random":
+      return routing.make_hash_table(self.vocab_size, self.num_experts, self.seed)
+    return routing.make_balanced_hash_table(np.asarray(self.token_frequencies), self.num_experts)
 
-def _load_metrics(routed: plan_lib.DispatchPlan,
-                 plan: plan_lib.DispatchPlan) -> dict[str, jax.Array]:
-  """Expert load f_e of the routed plan, max_e f_e * E, and the fraction capacity dropped."""
-  fraction_E = balance.expert_fraction(routed)
-  routed_pairs = jnp.sum(routed.keep_TK)
-  dropped_pairs = routed_pairs - jnp.sum(plan.keep_TK)
-  return {
-      "expert_load_E": fraction_E,
-      "load_max_over_mean": jnp.max(fraction_E) * routed.num_experts,
-      "dropped_fraction": dropped_pairs / jnp.maximum(routed_pairs, 1),
-  }
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, token_ids_BT: jax.Array, *,
+               deterministic: bool = True) -> tuple[jax.Array, Aux]:
+    """Returns (y_BTD, {"losses": {}, "metrics": {name: array}}), metrics as `core.moe_aux`."""
+    del deterministic  # Hash routing has no training-only behaviour.
+    batch, length, d_model = x_BTD.shape
+    if token_ids_BT.shape != (batch, length):
+      raise ValueError(f"token_ids_BT must have shape {(batch, length)} (x_BTD's B, T), got "
+                       f"{token_ids_BT.shape}")
+    router_fn = functools.partial(route_token_ids, token_ids_T=token_ids_BT.reshape(-1),
+                                  table_V=jnp.asarray(self.table_V()),
+                                  num_experts=self.num_experts)
+    y_TD, aux, _ = core.moe_apply(
+        ffn_params(self), x_BTD.reshape(batch * length, d_model), router_fn=router_fn,
+        expert_fn=ffn_expert_fn(self, pairs_per_token=1), capacity_factor=self.capacity_factor,
+        capacity_multiple=self.capacity_multiple)
+    return y_TD.reshape(x_BTD.shape), aux

@@ -1,46 +1,38 @@
-"""The sparse mixture-of-experts FFN as a thin Flax Linen module over the pure MoE core."""
-import dataclasses
-import inspect
-from typing import Any, ClassVar, Iterable, Mapping
+"""The MoE and Soft MoE FFNs as thin Flax Linen modules over the pure core.
+
+A token-routed layer owns its params (and the aux-loss-free bias state), builds a router and an
+expert function from its fields and calls `core.moe_apply`; the helpers below are the pieces
+"moe", "conv_moe", "hash_moe" and "lora_moe" share. Settings are checked when a layer is
+constructed; what depends on the input or the mesh, when it is traced.
+"""
+import functools
+from typing import Any, ClassVar, Mapping
 
 import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax.moe import balance
-from sparsejax.moe import dispatch
+from sparsejax.auxiliary import Aux
+from sparsejax.moe import core
 from sparsejax.moe import experts
-from sparsejax.moe import parallel
-from sparsejax.moe import plan as plan_lib
 from sparsejax.moe import routing
 from sparsejax.moe import soft
 from sparsejax.registry import FFNS
-from sparsejax.registry import ROUTERS
 
 _EXPERT_INIT = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 _ROUTER_INIT = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-
-# The `MoE` fields of its expert-parallel path (`sparsejax.moe.parallel`).
-EP_FIELDS = ("expert_parallel", "ep_buffer_factor", "ep_num_chunks", "ep_exchange")
-
-
-def fields_off_default(module: nn.Module, names: Iterable[str]) -> dict[str, Any]:
-  """{name: value} of those dataclass fields `names` of `module` not at their declared default.
-
-  For a layer built on `MoE` that ignores some of its fields and must reject them when set.
-  """
-  defaults = {field.name: field.default for field in dataclasses.fields(type(module))}
-  return {name: getattr(module, name) for name in names if getattr(module, name) != defaults[name]}
+BIAS_COLLECTION = "moe_bias"  # the aux-loss-free selection bias "bias_E" lives here
 
 
 def expert_params(module: nn.Module, prefix: str, num: int, hidden: int,
                   expert_axis: str | None) -> dict[str, jax.Array]:
-  """`num` stacked FFN weights {"wi_EDF", "wo_EFD"(, "wg_EDF")} of `module`, in its dtype.
+  """`num` stacked FFN weights {prefix + "wi_EDF", prefix + "wo_EFD"(, prefix + "wg_EDF")}.
 
-  `module` provides d_model, expert ("ffn" | "swiglu"), dtype and param_dtype; weights carry
-  the logical axes (expert_axis, "embed", "mlp") and (expert_axis, "mlp", "embed").
+  `module` provides d_model, expert ("ffn" | "swiglu"), dtype and param_dtype; the weights are
+  its params of those names, in its dtype, with the logical axes (expert_axis, "embed", "mlp")
+  and (expert_axis, "mlp", "embed").
   """
   w_in = ((num, module.d_model, hidden), (expert_axis, "embed", "mlp"))
   w_out = ((num, hidden, module.d_model), (expert_axis, "mlp", "embed"))
@@ -48,22 +40,100 @@ def expert_params(module: nn.Module, prefix: str, num: int, hidden: int,
   if module.expert == "swiglu":
     specs["wg_EDF"] = w_in
   return {
-      name: module.param(prefix + name, nn.with_logical_partitioning(_EXPERT_INIT, axes), shape,
-                         module.param_dtype).astype(module.dtype)
+      prefix + name: module.param(prefix + name, nn.with_logical_partitioning(_EXPERT_INIT, axes),
+                                  shape, module.param_dtype).astype(module.dtype)
       for name, (shape, axes) in specs.items()
   }
+
+
+def ffn_params(module: nn.Module) -> dict[str, jax.Array]:
+  """The params `core.ffn_experts` reads: num_experts experts of hidden d_ff, and the
+  num_shared_experts shared experts fused into one of hidden num_shared_experts * d_ff."""
+  params = expert_params(module, "", module.num_experts, module.d_ff, "expert")
+  if module.num_shared_experts:
+    params |= expert_params(module, core.SHARED_PREFIX, 1,
+                            module.num_shared_experts * module.d_ff, None)
+  return params
+
+
+def ffn_expert_fn(module: nn.Module, pairs_per_token: float) -> core.ExpertFn:
+  """`core.ffn_experts` with `module`'s expert, implementation, tile and expert-parallel
+  (expert_parallel, ep_*) fields; pairs_per_token sizes factor-f exchange buffers."""
+  return functools.partial(
+      core.ffn_experts, kind=module.expert, implementation=module.implementation,
+      tile=module.tile, expert_parallel=module.expert_parallel, pairs_per_token=pairs_per_token,
+      ep_buffer_factor=module.ep_buffer_factor, ep_num_chunks=module.ep_num_chunks,
+      ep_exchange=module.ep_exchange)
+
+
+def router_weight(owner: nn.Module, name: str, d_model: int, num_experts: int,
+                  param_dtype: Any) -> jax.Array:
+  """A router weight W_r `[D, E]`, param `name` of `owner`, axes ("embed", None)."""
+  return owner.param(name, nn.with_logical_partitioning(_ROUTER_INIT, ("embed", None)),
+                     (d_model, num_experts), param_dtype)
+
+
+def router_params(module: nn.Module, router_DE: jax.Array | None) -> dict[str, jax.Array]:
+  """{"router_DE": W_r} for `core.route_logits`: `router_DE` when a model shares one, else
+  `module`'s own param; {} for routers reading the expert weights (`routing.EXPERT_LOGITS`)."""
+  if module.router in routing.EXPERT_LOGITS:
+    if router_DE is not None:
+      raise ValueError(f"router {module.router!r} routes by the expert weights and takes no "
+                       f"router_DE")
+    return {}
+  if router_DE is None:
+    return {"router_DE": module.router_param(module, "router_DE")}
+  if router_DE.shape != (module.d_model, module.num_experts):
+    raise ValueError(f"router_DE must have shape (d_model, num_experts) = "
+                     f"{(module.d_model, module.num_experts)}, got {router_DE.shape}")
+  return {"router_DE": router_DE}
+
+
+def apply_with_learned_router(module: nn.Module, params: Mapping[str, jax.Array],
+                              x_TD: jax.Array, expert_fn: core.ExpertFn, *,
+                              deterministic: bool) -> tuple[jax.Array, Aux]:
+  """`core.moe_apply` with `core.route_logits`, configured by `module`'s fields.
+
+  `module` has MoE's router (router, k, router_kwargs, jitter, bias_update_rate), capacity
+  and loss-weight fields. Training (not `deterministic`) draws the router's key from the
+  "dropout" stream when it needs one; with bias_update_rate > 0 the selection bias "bias_E"
+  is state in `BIAS_COLLECTION`, updated when training and that collection is mutable.
+  """
+  rng = None
+  if not deterministic and core.router_needs_rng(module.router, module.jitter):
+    rng = module.make_rng("dropout")
+  router_fn = functools.partial(
+      core.route_logits, router=module.router, k=module.k,
+      router_kwargs=module.router_kwargs, jitter=module.jitter,
+      deterministic=deterministic, rng=rng)
+  bias = None
+  if module.bias_update_rate > 0:
+    bias = module.variable(BIAS_COLLECTION, "bias_E", jnp.zeros, (module.num_experts,),
+                           jnp.float32)
+  loss_weights = core.LossWeights(
+      load_balance=module.load_balance_weight, importance=module.importance_weight,
+      router_z=module.z_loss_weight, router=module.router_loss_weight)
+  y_TD, aux, bias_E = core.moe_apply(
+      params, x_TD, router_fn=router_fn, expert_fn=expert_fn,
+      capacity_factor=module.capacity_factor, capacity_multiple=module.capacity_multiple,
+      priority=module.priority, loss_weights=loss_weights,
+      bias_E=None if bias is None else bias.value, bias_update_rate=module.bias_update_rate)
+  if bias is not None and not deterministic and module.is_mutable_collection(BIAS_COLLECTION):
+    bias.value = bias_E
+  return y_TD, aux
 
 
 @FFNS.register("moe")
 class MoE(nn.Module):
   """Token-routed experts: y_t = sum_k g_tk FFN_{e_tk}(x_t) (+ shared experts' FFN(x_t)).
 
-  Router logits x W_r are computed in float32 (Switch Transformer, Fedus et al., 2021); the
-  router named by `router` (see `ROUTERS`) builds a dispatch plan; `capacity_factor` None runs
-  the experts dropless on expert-sorted rows with a grouped matmul (MegaBlocks, Gale et al.,
-  2023), otherwise on `[E, C, D]` buffers with C = ceil(T k cf / E) and token dropping by
-  `priority` (GShard, Lepikhin et al., 2020). Expert-choice plans always use their own
-  capacity. All B * T tokens of a call form one routing group.
+  `core.moe_apply` with the router function `core.route_logits` and the expert function
+  `core.ffn_experts`. Router logits x W_r are computed in float32 (Switch Transformer, Fedus et
+  al., 2021); the router named by `router` (see `ROUTERS`) builds a dispatch plan;
+  `capacity_factor` None runs the experts dropless on expert-sorted rows with a grouped matmul
+  (MegaBlocks, Gale et al., 2023), otherwise on `[E, C, D]` buffers with C = ceil(T k cf / E)
+  and token dropping by `priority` (GShard, Lepikhin et al., 2020). Expert-choice plans always
+  use their own capacity. All B * T tokens of a call form one routing group.
 
   Attributes:
     d_model: D. d_ff: F, hidden size of each expert (and of each shared expert).
@@ -78,7 +148,10 @@ class MoE(nn.Module):
       True} for top_k, {"p": 0.5} for threshold, {"capacity_factor": 1.0} for expert_choice,
       {"cluster_size": 4, "expert_dropout": 0.5} for moec.
     capacity_factor: None for dropless, else > 0. capacity_multiple: round C up to this.
-    priority: who keeps a slot when an expert overflows: "position" or "score".
+    priority: who keeps a slot when an expert overflows: "position" (earlier tokens) or
+      "score", Batch Priority Routing (Riquelme et al., 2021, V-MoE): tokens ranked by the
+      router's top-1 probability max_e p_te before any renormalisation of the gates, for all
+      their choices (`core.limit_capacity`).
     expert: "ffn" (GELU) or "swiglu". num_shared_experts: always-on experts (DeepSeekMoE).
     load_balance_weight, importance_weight, z_loss_weight: weights of the returned losses.
     router_loss_weight: weight of each loss the router returns in its aux["losses"] (MoEC's
@@ -94,7 +167,8 @@ class MoE(nn.Module):
       `jax.set_mesh` splits the tokens (data x fsdp x expert > 1), and as plain array code
       otherwise (one device, or a "model"-only mesh). GSPMD partitions that plain code poorly
       under data parallelism (`python -m experiments.bench ep`: 6-11x slower on 8 CPU
-      devices), hence the default. True always takes the `shard_map` path (a mesh must be set); False never.
+      devices), hence the default. True always takes the `shard_map` path (a mesh must be
+      set); False never.
       Routing is always global (the same plan as on one device), so the output is the
       single-device layer's unless the exchange buffer drops pairs (`ep_buffer_factor`).
       num_experts must be divisible by the mesh's expert axis.
@@ -137,202 +211,37 @@ class MoE(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    core.check_router_settings(self.router, self.k, self.num_experts, self.jitter,
+                               self.bias_update_rate)
+    experts.check_expert_kind(self.expert)
+    core.check_capacity_settings(self.capacity_factor, self.priority)
+    core.check_expert_parallel_settings(self.expert_parallel, self.ep_buffer_factor,
+                                        self.ep_num_chunks, self.ep_exchange)
+    super().__post_init__()
+
+  def router_param(self, owner: nn.Module, name: str) -> jax.Array:
+    """The router weight W_r `[D, E]` as param `name` of `owner` (this layer, or a model)."""
+    return router_weight(owner, name, self.d_model, self.num_experts, self.param_dtype)
+
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-               router_DE: jax.Array | None = None):
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True,
+               router_DE: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     """Returns (y_BTD, {"losses": {name: weighted scalar}, "metrics": {name: array}}).
 
     `router_DE`: a `[D, E]` router weight to use instead of this layer's own "router_DE" param.
     """
-    self._validate()
     batch, length, d_model = x_BTD.shape
-    x_TD = x_BTD.reshape(batch * length, d_model)
-    if self.router in routing.EXPERT_LOGITS:
-      weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
-      logits_TE = self._expert_logits(x_TD, weights["wi_EDF"], deterministic, router_DE)
-    else:
-      weights = None
-      logits_TE = self._router_logits(x_TD, deterministic, router_DE)
-    routed, router_aux = self._route(logits_TE, deterministic)
-    plan = self._limit_capacity(routed)
-    y_TD, exchange_dropped = self._experts_and_drops(x_TD.astype(self.dtype), plan, weights)
-    if self.num_shared_experts:
-      y_TD = y_TD + self._shared_experts(x_TD.astype(self.dtype))
-    aux = self._aux(logits_TE, routed, plan, router_aux, exchange_dropped)
-    return y_TD.reshape(batch, length, d_model), aux
+    y_TD, aux = self._tokens(x_BTD.reshape(batch * length, d_model),
+                             deterministic=deterministic, router_DE=router_DE)
+    return y_TD.reshape(x_BTD.shape), aux
 
-  def _validate(self) -> None:
-    route_fn = ROUTERS.get(self.router)
-    if route_fn is routing.route_hash:
-      raise ValueError("router 'hash' routes token ids, which MoE does not receive; use the "
-                       "FFN 'hash_moe' (sparsejax.moe.hash_layer) instead")
-    experts.check_expert_kind(self.expert)
-    routing.check_k(self.k, self.num_experts)
-    if self.capacity_factor is not None and not self.capacity_factor > 0:
-      raise ValueError(f"capacity_factor must be None or > 0, got {self.capacity_factor}")
-    if self.priority not in plan_lib.PRIORITIES:
-      raise ValueError(f"priority must be one of {plan_lib.PRIORITIES}, got {self.priority!r}")
-    if not 0 <= self.jitter < 1:
-      raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
-    if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.router != "top_k"):
-      raise ValueError(f"bias_update_rate must be >= 0 and needs router 'top_k', got "
-                       f"{self.bias_update_rate} with router {self.router!r}")
-    self._validate_expert_parallel()
-
-  def _validate_expert_parallel(self) -> None:
-    if not (self.expert_parallel is True or self.expert_parallel is False
-            or self.expert_parallel == "auto"):
-      raise ValueError(f"expert_parallel must be 'auto', True or False, got "
-                       f"{self.expert_parallel!r}")
-    if self.ep_buffer_factor is not None and not self.ep_buffer_factor > 0:
-      raise ValueError(f"ep_buffer_factor must be None or > 0, got {self.ep_buffer_factor}")
-    chunks = self.ep_num_chunks
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-      raise ValueError(f"ep_num_chunks must be an int >= 1, got {chunks!r}")
-    if self.ep_exchange not in parallel.EXCHANGES:
-      raise ValueError(f"ep_exchange must be one of {parallel.EXCHANGES}, got "
-                       f"{self.ep_exchange!r}")
-
-  def _expert_parallel_mesh(self):
-    """The mesh to run the experts expert-parallel on, or None for the GSPMD path."""
-    mesh = parallel.current_mesh()
-    parallel.check_num_experts(self.num_experts, mesh)
-    if self.expert_parallel is False:
-      return None
-    if self.expert_parallel is True:
-      if mesh is None:
-        raise ValueError("expert_parallel=True needs a device mesh: call the layer inside "
-                         "`with jax.set_mesh(mesh):` (see sparsejax.sharding.make_mesh)")
-      return mesh
-    return mesh if parallel.token_shards(mesh) > 1 else None
-
-  def router_param(self, owner: nn.Module, name: str) -> jax.Array:
-    """The router weight W_r `[D, E]` as param `name` of `owner` (this layer, or a model)."""
-    return owner.param(name, nn.with_logical_partitioning(_ROUTER_INIT, ("embed", None)),
-                       (self.d_model, self.num_experts), self.param_dtype)
-
-  def _router_logits(self, x_TD: jax.Array, deterministic: bool,
-                     router_DE: jax.Array | None) -> jax.Array:
-    """float32 logits x W_r, with multiplicative jitter on x when training."""
-    if router_DE is None:
-      w_DE = self.router_param(self, "router_DE")
-    elif router_DE.shape != (self.d_model, self.num_experts):
-      raise ValueError(f"router_DE must have shape (d_model, num_experts) = "
-                       f"{(self.d_model, self.num_experts)}, got {router_DE.shape}")
-    else:
-      w_DE = router_DE
-    return self._router_input(x_TD, deterministic) @ w_DE.astype(jnp.float32)
-
-  def _expert_logits(self, x_TD: jax.Array, wi_EDF: jax.Array, deterministic: bool,
-                     router_DE: jax.Array | None) -> jax.Array:
-    """float32 logits of a router in `routing.EXPERT_LOGITS`, read off the expert weights."""
-    if router_DE is not None:
-      raise ValueError(f"router {self.router!r} routes by the expert weights and takes no "
-                       f"router_DE")
-    return routing.EXPERT_LOGITS[self.router](self._router_input(x_TD, deterministic), wi_EDF)
-
-  def _router_input(self, x_TD: jax.Array, deterministic: bool) -> jax.Array:
-    """x in float32, with multiplicative jitter when training."""
-    x_TD = x_TD.astype(jnp.float32)
-    if self.jitter > 0 and not deterministic:
-      x_TD = routing.apply_jitter(x_TD, self.make_rng("dropout"), self.jitter)
-    return x_TD
-
-  def _route(self, logits_TE: jax.Array, deterministic: bool):
-    """The router's dropless (or expert-choice) plan, updating the aux-free bias if on."""
-    route_fn = ROUTERS.get(self.router)
-    kwargs = dict(self.router_kwargs)
-    kwargs.update(self._mode_kwargs(route_fn, deterministic))
-    if self.bias_update_rate == 0:
-      return route_fn(logits_TE, k=self.k, **kwargs)
-    bias = self.variable("moe_bias", "bias_E", jnp.zeros, (self.num_experts,), jnp.float32)
-    routed, router_aux = route_fn(logits_TE, k=self.k, bias_E=bias.value, **kwargs)
-    if not deterministic and self.is_mutable_collection("moe_bias"):
-      bias.value = balance.update_bias(bias.value, plan_lib.group_sizes(routed),
-                                       self.bias_update_rate)
-    return routed, router_aux
-
-  def _mode_kwargs(self, route_fn, deterministic: bool) -> dict[str, Any]:
-    """`deterministic`, and when training a "dropout"-stream `rng`, if `route_fn` takes them."""
-    accepted = inspect.signature(route_fn).parameters
-    kwargs = {}
-    if "deterministic" in accepted:
-      kwargs["deterministic"] = deterministic
-    if "rng" in accepted and not deterministic:
-      kwargs["rng"] = self.make_rng("dropout")
-    return kwargs
-
-  def _limit_capacity(self, routed: plan_lib.DispatchPlan) -> plan_lib.DispatchPlan:
-    if routed.capacity is not None or self.capacity_factor is None:
-      return routed
-    capacity = plan_lib.compute_capacity(routed.num_tokens, routed.k, self.num_experts,
-                                         self.capacity_factor, self.capacity_multiple)
-    return plan_lib.apply_capacity(routed, capacity, self.priority)
-
-  def _run_experts(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan,
-                   weights: dict[str, jax.Array] | None = None) -> jax.Array:
-    """The routed experts' combined output; `weights` if the router already created them."""
-    return self._experts_and_drops(x_TD, plan, weights)[0]
-
-  def _experts_and_drops(self, x_TD: jax.Array, plan: plan_lib.DispatchPlan,
-                         weights: dict[str, jax.Array] | None = None):
-    """(combined output, pairs the expert-parallel exchange dropped or None if it cannot)."""
-    if weights is None:
-      weights = expert_params(self, "", self.num_experts, self.d_ff, "expert")
-    mesh = self._expert_parallel_mesh()
-    if mesh is not None:
-      y_TD, dropped = parallel.expert_parallel_experts(
-          x_TD, plan, weights, self.expert, pairs_per_token=self.k,
-          buffer_factor=self.ep_buffer_factor, num_chunks=self.ep_num_chunks,
-          exchange=self.ep_exchange, implementation=self.implementation, tile=self.tile,
-          mesh=mesh)
-      return y_TD, (dropped if self.ep_buffer_factor is not None else None)
-    x_RD = dispatch.dispatch(x_TD, plan)
-    if plan.capacity is None:
-      y_RD = experts.experts_grouped(x_RD, weights, plan_lib.group_sizes(plan), self.expert,
-                                     implementation=self.implementation, tile=self.tile)
-    else:
-      x_ECD = x_RD.reshape(self.num_experts, plan.capacity, self.d_model)
-      y_RD = experts.experts_batched(x_ECD, weights, self.expert).reshape(x_RD.shape)
-    return dispatch.combine(y_RD, plan), None
-
-  def _shared_experts(self, x_TD: jax.Array) -> jax.Array:
-    """num_shared_experts always-on FFNs, fused into one of hidden num_shared * F."""
-    weights = expert_params(self, "shared_", 1, self.num_shared_experts * self.d_ff, None)
-    return experts.experts_batched(x_TD[None], weights, self.expert)[0]
-
-  def _aux(self, logits_TE, routed, plan, router_aux,
-           exchange_dropped=None) -> dict[str, dict[str, jax.Array]]:
-    """Losses and metrics; `exchange_dropped` pairs (EP buffer overflow) count as dropped."""
-    fraction_E = balance.expert_fraction(routed)
-    z_loss = balance.router_z_loss(logits_TE)
-    routed_pairs = jnp.sum(routed.keep_TK)
-    dropped_pairs = routed_pairs - jnp.sum(plan.keep_TK)
-    if exchange_dropped is not None:
-      dropped_pairs = dropped_pairs + exchange_dropped
-    metrics = {
-        "expert_load_E": fraction_E,
-        "load_max_over_mean": jnp.max(fraction_E) * self.num_experts,
-        "dropped_fraction": dropped_pairs / jnp.maximum(routed_pairs, 1),
-        "router_entropy": router_aux["entropy"],
-        "z_loss": z_loss,
-    }
-    if exchange_dropped is not None:
-      metrics["exchange_dropped_fraction"] = exchange_dropped / jnp.maximum(routed_pairs, 1)
-    metrics.update({name: value for name, value in router_aux.items()
-                    if name not in ("probs_TE", "entropy", "losses")})
-    losses = {}
-    if self.router_loss_weight:
-      losses.update({name: self.router_loss_weight * value
-                     for name, value in router_aux.get("losses", {}).items()})
-    if self.load_balance_weight:
-      losses["load_balance"] = self.load_balance_weight * balance.load_balance_loss(
-          router_aux["probs_TE"], fraction_E)
-    if self.importance_weight:
-      losses["importance"] = self.importance_weight * balance.importance_loss(routed)
-    if self.z_loss_weight:
-      losses["router_z"] = self.z_loss_weight * z_loss
-    return {"losses": losses, "metrics": metrics}
+  def _tokens(self, x_TD: jax.Array, *, deterministic: bool,
+              router_DE: jax.Array | None) -> tuple[jax.Array, Aux]:
+    """The layer on T tokens (one routing group)."""
+    params = ffn_params(self) | router_params(self, router_DE)
+    return apply_with_learned_router(self, params, x_TD, ffn_expert_fn(self, self.k),
+                                     deterministic=deterministic)
 
 
 @FFNS.register("soft_moe")
@@ -364,8 +273,20 @@ class SoftMoE(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    experts.check_expert_kind(self.expert)
+    if self.num_experts < 1 or self.slots_per_expert < 1:
+      raise ValueError(f"num_experts and slots_per_expert must be >= 1, got "
+                       f"{self.num_experts} and {self.slots_per_expert}")
+    if self.causal and self.token_group_size != 1:
+      raise ValueError(f"SoftMoE with causal=True needs token_group_size=1 (a slot mixes all "
+                       f"tokens of its group, so larger groups see future tokens), got "
+                       f"token_group_size={self.token_group_size}; set causal=False for "
+                       f"non-causal models")
+    super().__post_init__()
+
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True):
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     """Returns (y_BTD, {"losses": {}, "metrics": {"dispatch_entropy", "combine_entropy"}})."""
     del deterministic  # Soft MoE has no training-only behaviour.
     batch, length, d_model = x_BTD.shape
@@ -388,16 +309,7 @@ class SoftMoE(nn.Module):
     return y_BTD, {"losses": {}, "metrics": metrics}
 
   def _group_size(self, length: int) -> int:
-    """Tokens per group, after checking the configuration."""
-    experts.check_expert_kind(self.expert)
-    if self.num_experts < 1 or self.slots_per_expert < 1:
-      raise ValueError(f"num_experts and slots_per_expert must be >= 1, got "
-                       f"{self.num_experts} and {self.slots_per_expert}")
-    if self.causal and self.token_group_size != 1:
-      raise ValueError(f"SoftMoE with causal=True needs token_group_size=1 (a slot mixes all "
-                       f"tokens of its group, so larger groups see future tokens), got "
-                       f"token_group_size={self.token_group_size}; set causal=False for "
-                       f"non-causal models")
+    """Tokens per group, after checking that it divides the sequence length."""
     group = length if self.token_group_size is None else self.token_group_size
     if group < 1 or length % group:
       raise ValueError(f"token_group_size must be >= 1 and divide the length {length}, got "

@@ -33,7 +33,8 @@ Training only adapters and routers, as MoLE and PESC do:
 or `optax.multi_transform({...}, lora_experts.param_labels)` with your own transformations.
 `load_dense_ffn` fills the shared FFN (and every other param) from a dense model's params.
 """
-from typing import Any, Mapping
+import functools
+from typing import Any, ClassVar, Mapping
 
 import flax.core
 import flax.linen as nn
@@ -43,11 +44,15 @@ import jax.numpy as jnp
 import optax
 
 from kernels import gmm as gmm_lib
+from sparsejax.auxiliary import Aux
+from sparsejax.moe import core
 from sparsejax.moe import dispatch
 from sparsejax.moe import experts
 from sparsejax.moe import plan as plan_lib
 from sparsejax.moe import routing
-from sparsejax.moe.layers import EP_FIELDS, MoE, fields_off_default
+from sparsejax.moe.layers import apply_with_learned_router
+from sparsejax.moe.layers import router_params
+from sparsejax.moe.layers import router_weight
 from sparsejax.registry import FFNS
 
 TARGETS = ("in", "out")
@@ -124,17 +129,38 @@ def lora_moe_ffn(x_TD: jax.Array, shared: Mapping[str, jax.Array],
   return project(h_TF, h_MF, "wo")
 
 
+def lora_moe_experts(params: core.Params, x_TD: jax.Array, plan: plan_lib.DispatchPlan, *,
+                     kind: str, scale: float = 1.0, implementation: str = "auto",
+                     tile: int = gmm_lib.DEFAULT_TILING[0]) -> tuple[jax.Array, None]:
+  """The `core.ExpertFn` of lora_moe: `lora_moe_ffn` on the params of `LoRAMoE`.
+
+  params: the shared FFN {"wi", "wo"(, "wi_gate")} and the adapters {w + "_lora_a",
+  w + "_lora_b"} of every adapted weight w. x is cast to the shared weights' dtype. Nothing
+  is exchanged between devices, so no pair is dropped by an exchange (None).
+  """
+  shared = {name: params[name] for name in SHARED_WEIGHTS if name in params}
+  adapters = {name: (params[name + LORA_A], params[name + LORA_B]) for name in shared
+              if name + LORA_A in params}
+  y_TD = lora_moe_ffn(x_TD.astype(shared["wi"].dtype), shared, adapters, plan, kind,
+                      scale=scale, implementation=implementation, tile=tile)
+  return y_TD, None
+
+
 @FFNS.register("lora_moe")
-class LoRAMoE(MoE, kw_only=True):
+class LoRAMoE(nn.Module):
   """Mixture of LoRA experts: one shared FFN, E routed rank-R adapters (module docstring).
 
-  y_t = FFN with W'(t) = W + s sum_k g_tk A_{e_tk} B_{e_tk} for each adapted W; routing,
-  capacity, balancing losses and telemetry are the MoE layer's (same aux keys: expert load,
-  router entropy, z-loss, dropped fraction; losses load_balance, router_z, ...).
+  y_t = FFN with W'(t) = W + s sum_k g_tk A_{e_tk} B_{e_tk} for each adapted W:
+  `core.moe_apply` with the MoE layer's router function (`core.route_logits`) and the expert
+  function `lora_moe_experts`. Routing, capacity, balancing losses and telemetry are the MoE
+  layer's (same aux keys: expert load, router entropy, z-loss, dropped fraction; losses
+  load_balance, router_z, ...). `shares_router` as MoE: `TransformerLM(shared_router=True)`
+  works. There is no expert-parallel path (the adapters run beside one shared FFN,
+  partitioned by GSPMD) and no shared experts (the shared FFN is one by construction).
 
-  Attributes (beyond MoE's router, capacity, loss-weight, implementation and dtype fields):
-    d_ff: F, hidden width of the shared FFN. num_experts: E adapters. k: adapters per token
-      (default 1, as LLaVA-MoLE; PESC uses 2).
+  Attributes:
+    d_model: D. d_ff: F, hidden width of the shared FFN. num_experts: E adapters. k: adapters
+      per token (default 1, as LLaVA-MoLE; PESC uses 2).
     expert: the shared FFN, "ffn" (GELU, default; a DenseFFN "gelu") or "swiglu". Its params
       "wi", "wi_gate" (swiglu) and "wo" have DenseFFN's names, shapes and axes, so a dense
       model's FFN loads as is (`load_dense_ffn`).
@@ -142,38 +168,44 @@ class LoRAMoE(MoE, kw_only=True):
     targets: adapted sides, a non-empty subset of ("in", "out"): "in" the input projections
       W_i (and W_g for swiglu), "out" the output projection W_o. Adapter params are
       "{w}_lora_a" `[E, I, R]` (truncated normal, fan-in) and "{w}_lora_b" `[E, R, O]` (zeros).
-  Routers reading expert weights ("avg_k") and shared experts (num_shared_experts) do not
-  apply. `shares_router` as MoE: `TransformerLM(shared_router=True)` works.
+    router (one with its own weight "router_DE"; not "avg_k", which reads expert FFN
+      weights), router_kwargs, capacity_factor, capacity_multiple, priority,
+      load_balance_weight, importance_weight, z_loss_weight, router_loss_weight, jitter,
+      bias_update_rate, implementation, tile, dtype, param_dtype: as the MoE layer's.
   """
-  expert: str = "ffn"
+  shares_router: ClassVar[bool] = True
+  d_model: int
+  d_ff: int
+  num_experts: int = 8
   k: int = 1
   rank: int = 8
   scale: float = 1.0
   targets: tuple[str, ...] = TARGETS
+  expert: str = "ffn"
+  router: str = "top_k"
+  router_kwargs: Mapping[str, Any] = flax.core.FrozenDict()
+  capacity_factor: float | None = None
+  capacity_multiple: int = 1
+  priority: str = "position"
+  load_balance_weight: float = 1e-2
+  importance_weight: float = 0.0
+  z_loss_weight: float = 1e-3
+  router_loss_weight: float = 1e-2
+  jitter: float = 0.0
+  bias_update_rate: float = 0.0
+  implementation: str = "auto"
+  tile: int = 128
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-               router_DE: jax.Array | None = None):
-    """Returns (y_BTD, aux) with the MoE layer's aux (losses and metrics)."""
-    self._validate()
-    batch, length, d_model = x_BTD.shape
-    x_TD = x_BTD.reshape(batch * length, d_model)
-    logits_TE = self._router_logits(x_TD, deterministic, router_DE)
-    routed, router_aux = self._route(logits_TE, deterministic)
-    plan = self._limit_capacity(routed)
-    shared = self._shared_params()
-    adapters = {name: self._adapter(name, shared[name].shape) for name in shared
-                if SHARED_WEIGHTS[name][0] in self.targets}
-    y_TD = lora_moe_ffn(x_TD.astype(self.dtype), shared, adapters, plan, self.expert,
-                        scale=self.scale, implementation=self.implementation, tile=self.tile)
-    aux = self._aux(logits_TE, routed, plan, router_aux)
-    return y_TD.reshape(batch, length, d_model), aux
-
-  def _validate(self) -> None:
+  def __post_init__(self):
     if self.router in routing.EXPERT_LOGITS:
       raise ValueError(f"router {self.router!r} reads expert FFN weights, which lora_moe's "
                        f"adapters are not; use a router with its own weight, e.g. 'top_k'")
-    super()._validate()
+    core.check_router_settings(self.router, self.k, self.num_experts, self.jitter,
+                               self.bias_update_rate)
+    experts.check_expert_kind(self.expert)
+    core.check_capacity_settings(self.capacity_factor, self.priority)
     rank = self.rank
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
       raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -181,14 +213,24 @@ class LoRAMoE(MoE, kw_only=True):
     if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(TARGETS):
       raise ValueError(f"targets must be a non-empty subset of {TARGETS} without repeats, got "
                        f"{self.targets!r}")
-    if self.num_shared_experts:
-      raise ValueError(f"lora_moe has one shared FFN by construction; num_shared_experts must "
-                       f"be 0, got {self.num_shared_experts}")
-    changed = fields_off_default(self, EP_FIELDS)
-    if changed:
-      raise ValueError(f"lora_moe has no expert-parallel path (its adapters run beside one "
-                       f"shared FFN, partitioned by GSPMD); leave {sorted(changed)} at their "
-                       f"defaults, got {changed}")
+    super().__post_init__()
+
+  def router_param(self, owner: nn.Module, name: str) -> jax.Array:
+    """The router weight W_r `[D, E]` as param `name` of `owner` (this layer, or a model)."""
+    return router_weight(owner, name, self.d_model, self.num_experts, self.param_dtype)
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True,
+               router_DE: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    """Returns (y_BTD, aux) with the MoE layer's aux (losses and metrics)."""
+    batch, length, d_model = x_BTD.shape
+    shared = self._shared_params()
+    params = shared | self._adapters(shared) | router_params(self, router_DE)
+    expert_fn = functools.partial(lora_moe_experts, kind=self.expert, scale=self.scale,
+                                  implementation=self.implementation, tile=self.tile)
+    y_TD, aux = apply_with_learned_router(self, params, x_BTD.reshape(batch * length, d_model),
+                                          expert_fn, deterministic=deterministic)
+    return y_TD.reshape(x_BTD.shape), aux
 
   def _shared_params(self) -> dict[str, jax.Array]:
     """The shared FFN's weights, as DenseFFN creates them."""
@@ -199,16 +241,22 @@ class LoRAMoE(MoE, kw_only=True):
         nn.initializers.lecun_normal(), SHARED_WEIGHTS[name][1]), shapes[name],
                              self.param_dtype).astype(self.dtype) for name in names}
 
-  def _adapter(self, name: str, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """(A_EIR, B_ERO) of the shared weight `name` of shape (I, O)."""
-    (in_axis, out_axis), (width_in, width_out) = SHARED_WEIGHTS[name][1], shape
-    a_EIR = self.param(name + LORA_A, nn.with_logical_partitioning(
-        _LORA_A_INIT, ("expert", in_axis, None)), (self.num_experts, width_in, self.rank),
-                       self.param_dtype)
-    b_ERO = self.param(name + LORA_B, nn.with_logical_partitioning(
-        nn.initializers.zeros, ("expert", None, out_axis)),
-                       (self.num_experts, self.rank, width_out), self.param_dtype)
-    return a_EIR.astype(self.dtype), b_ERO.astype(self.dtype)
+  def _adapters(self, shared: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """{w + "_lora_a": A_EIR, w + "_lora_b": B_ERO} for each shared weight w `[I, O]` on a
+    side in `targets`."""
+    adapters = {}
+    for name, w_IO in shared.items():
+      if SHARED_WEIGHTS[name][0] not in self.targets:
+        continue
+      (in_axis, out_axis), (width_in, width_out) = SHARED_WEIGHTS[name][1], w_IO.shape
+      a_EIR = self.param(name + LORA_A, nn.with_logical_partitioning(
+          _LORA_A_INIT, ("expert", in_axis, None)), (self.num_experts, width_in, self.rank),
+                         self.param_dtype)
+      b_ERO = self.param(name + LORA_B, nn.with_logical_partitioning(
+          nn.initializers.zeros, ("expert", None, out_axis)),
+                         (self.num_experts, self.rank, width_out), self.param_dtype)
+      adapters[name + LORA_A], adapters[name + LORA_B] = a_EIR, b_ERO
+    return {name: value.astype(self.dtype) for name, value in adapters.items()}
 
 
 def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:

@@ -6,7 +6,8 @@ n_ep = |expert| shards of E_l = E / n_ep consecutive experts, shard s holding ex
 [s E_l, (s + 1) E_l), replicated over the other axes. Devices that differ only in their "expert"
 coordinate form an expert group: together they hold every expert once, and exchange tokens.
 
-The `MoE` layer runs its experts here whenever the mesh splits the tokens (its
+The MoE layers' expert function (`core.ffn_experts`, of "moe", "conv_moe" and "hash_moe") runs
+its experts here whenever the mesh splits the tokens (`select_mesh` with
 `expert_parallel="auto"`), also with an expert axis of 1 (plain data parallelism: nothing is
 exchanged, each device runs all experts on its own tokens).
 
@@ -98,6 +99,26 @@ def check_num_experts(num_experts: int, mesh: Any) -> None:
     raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's expert axis "
                      f"(mesh.expert={n_ep}); each expert shard must hold the same number of "
                      f"experts: use a divisor of {num_experts}")
+
+
+def select_mesh(expert_parallel: bool | str, num_experts: int) -> Any:
+  """The mesh to run the experts on with `expert_parallel_experts`, or None for array code.
+
+  True: the mesh set by `jax.set_mesh` (a ValueError without one); False: None; "auto": that
+  mesh when it splits the tokens (`token_shards` > 1), else None (one device, or a
+  "model"-only mesh, which GSPMD partitions well). In every mode the mesh's expert axis must
+  divide num_experts.
+  """
+  mesh = current_mesh()
+  check_num_experts(num_experts, mesh)
+  if expert_parallel is False:
+    return None
+  if expert_parallel is True:
+    if mesh is None:
+      raise ValueError("expert_parallel=True needs a device mesh: call the layer inside "
+                       "`with jax.set_mesh(mesh):` (see sparsejax.sharding.make_mesh)")
+    return mesh
+  return mesh if token_shards(mesh) > 1 else None
 
 
 def check_exchange(exchange: str, platform: str) -> None:

@@ -57,17 +57,25 @@ def compute_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor:
   return max(multiple, -(-capacity // multiple) * multiple)
 
 
-def token_priority(plan: DispatchPlan, priority: str) -> jax.Array:
+def token_priority(plan: DispatchPlan, priority: str,
+                   score_T: jax.Array | None = None) -> jax.Array:
   """Token order in which pairs claim slots: `order_T[i]` is the i-th token to choose.
 
-  "position": token order 0..T-1. "score": batch-priority routing (Riquelme et al., 2021,
-  V-MoE): tokens sorted by their largest gate, descending, ties by position.
+  "position": token order 0..T-1. "score": Batch Priority Routing (Riquelme et al., 2021,
+  V-MoE): tokens by descending score_T, ties by position, one rank for all of a token's
+  choices. BPR's score is the router's top-1 probability max_e p_te; `score_T` defaults to the
+  token's largest gate, which is that probability only when the gates are unrenormalised
+  softmax probabilities (pass score_T for renormalised or top-k-softmax gates).
   """
   if priority not in PRIORITIES:
     raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
   if priority == "position":
     return jnp.arange(plan.num_tokens, dtype=jnp.int32)
-  score_T = jnp.max(plan.gate_TK, axis=1)
+  if score_T is None:
+    score_T = jnp.max(plan.gate_TK, axis=1)
+  elif score_T.shape != (plan.num_tokens,):
+    raise ValueError(f"score_T must have shape (num_tokens,) = {(plan.num_tokens,)}, got "
+                     f"{score_T.shape}")
   return jnp.argsort(-score_T, stable=True).astype(jnp.int32)
 
 
@@ -107,19 +115,20 @@ def plan_from_choices(expert_TK: jax.Array, gate_TK: jax.Array, valid_TK: jax.Ar
       capacity=None)
 
 
-def apply_capacity(plan: DispatchPlan, capacity: int, priority: str = "position") -> DispatchPlan:
+def apply_capacity(plan: DispatchPlan, capacity: int, priority: str = "position",
+                   score_T: jax.Array | None = None) -> DispatchPlan:
   """Drop the pairs that find their expert's `capacity` slots already taken.
 
-  Slots are re-ranked in `priority` order (see `token_priority`); a pair is kept iff it was
-  kept before and its rank is < capacity. Dropped pairs get gate 0 (the token passes through
-  the residual only), as in Switch Transformer (Fedus et al., 2021).
+  Slots are re-ranked in `priority` order (see `token_priority`, which takes `score_T`); a
+  pair is kept iff it was kept before and its rank is < capacity. Dropped pairs get gate 0 (the
+  token passes through the residual only), as in Switch Transformer (Fedus et al., 2021).
   """
   if plan.capacity is not None:
     raise ValueError(f"plan already has capacity {plan.capacity}; apply_capacity needs a "
                      "dropless plan")
   if capacity < 1:
     raise ValueError(f"capacity must be >= 1, got {capacity}")
-  order_T = token_priority(plan, priority)
+  order_T = token_priority(plan, priority, score_T)
   slot_TK = rank_within_expert(plan.expert_TK, plan.keep_TK, plan.num_experts, order_T)
   keep_TK = plan.keep_TK & (slot_TK < capacity)
   return plan.replace(

@@ -107,18 +107,29 @@ def test_config_builds_once_the_trainer_substitutes_frequencies():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"k": 2}, r"no learned router; remove \['k'\]"),
-    ({"router_kwargs": {"renormalize": True}, "z_loss_weight": 1e-3}, r"\['router_kwargs', 'z_l"),
     ({"hash_table": "balanced"}, "needs token_frequencies"),
     ({"hash_table": "lsh"}, "hash_table must be one of"),
     ({"token_frequencies": (1.0, 2.0)}, "token_frequencies must be 20 .* got shape"),
     ({"vocab_size": 0}, "vocab_size must be a positive int"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
-  layer = _make(**kwargs)
   x_BTD, ids_BT = jnp.zeros((B, L, D)), jnp.zeros((B, L), jnp.int32)
   with pytest.raises(ValueError, match=message):
-    jax.eval_shape(layer.init, jax.random.key(0), x_BTD, ids_BT)
+    jax.eval_shape(_make(**kwargs).init, jax.random.key(0), x_BTD, ids_BT)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"k": 2}, {"router_kwargs": {"renormalize": True}}, {"z_loss_weight": 1e-3}])
+def test_learned_router_settings_are_no_hash_moe_fields(kwargs):
+  """A hash layer has no learned router: a config setting one is a clear error."""
+  (name, _), = kwargs.items()
+  config = ml_collections.ConfigDict(dict(
+      d_model=16, num_layers=1, num_heads=4, d_ff=32, max_len=8,
+      ffn={"name": "hash_moe", "num_experts": E, **kwargs}))
+  with pytest.raises(ValueError, match=f"unknown ffn kwarg '{name}' for ffn 'hash_moe'"):
+    build_lm(config, vocab_size=V)
+  with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+    _make(**kwargs)
 
 
 def test_lm_passes_its_vocab_size_and_rejects_one_in_the_config():

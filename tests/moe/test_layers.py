@@ -1,4 +1,7 @@
-"""The MoE Linen layer: registry contract, shapes, aux, dense equivalence, balancing, errors."""
+"""The MoE Linen layer: registry contract, shapes, aux, dense equivalence, balancing, batch
+priority routing, errors."""
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,3 +127,32 @@ def test_aux_loss_free_bias_updates_only_when_training_and_mutable():
 def test_bad_config_raises_at_trace_time(kwargs, message):
   with pytest.raises(ValueError, match=message):
     _make(**kwargs).init(jax.random.PRNGKey(0), _x())
+
+
+def test_settings_are_checked_when_the_layer_is_built():
+  with pytest.raises(ValueError, match="capacity_factor must be None or > 0, got 0.0"):
+    _make(capacity_factor=0.0)
+
+
+@pytest.mark.parametrize("router_kwargs", [{"renormalize": True},
+                                           {"order": "topk_then_softmax"}])
+def test_score_priority_keeps_the_tokens_of_highest_top1_probability(router_kwargs):
+  """Hand-worked Batch Priority Routing: 4 tokens, 2 experts, k = 1, router W_r = I, so the
+  logits are the inputs (ln 3, 0), (ln 9, 0), (0, ln 3), (0, ln 9): top-1 probabilities 0.75,
+  0.9 on expert 0 and 0.75, 0.9 on expert 1, every gate 1. Capacity ceil(4 * 0.5 / 2) = 1:
+  each expert keeps its token of probability 0.9, tokens 1 and 3; dropped tokens output 0."""
+  ln3, ln9 = np.log(3.0), np.log(9.0)
+  x = jnp.asarray([[[ln3, 0.0], [ln9, 0.0], [0.0, ln3], [0.0, ln9]]], jnp.float32)
+  layer = FFNS.get("moe")(d_model=2, d_ff=4, num_experts=2, k=1, expert="ffn", tile=4,
+                          capacity_factor=0.5, priority="score", router_kwargs=router_kwargs)
+  params = dict(nn.unbox(jax.jit(layer.init)(jax.random.PRNGKey(0), x)["params"]))
+  params["router_DE"] = jnp.eye(2)
+  y, aux = jax.jit(layer.apply)({"params": params}, x)
+  np.testing.assert_array_equal(np.any(np.asarray(y[0]) != 0, axis=-1), [False, True, False, True])
+  np.testing.assert_allclose(aux["metrics"]["dropped_fraction"], 0.5)
+
+
+@pytest.mark.parametrize("name", ["moe", "soft_moe", "hash_moe", "lora_moe", "conv_moe"])
+def test_deterministic_is_keyword_only(name):
+  deterministic = inspect.signature(FFNS.get(name).__call__).parameters["deterministic"]
+  assert deterministic.kind is inspect.Parameter.KEYWORD_ONLY

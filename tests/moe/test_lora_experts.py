@@ -161,13 +161,16 @@ def test_param_labels_and_adapter_optimizer_freeze_all_but_adapters_and_routers(
 def test_errors():
   x = _x()
   for kwargs, match in [({"rank": 0}, "rank"), ({"targets": ("mid",)}, "targets"),
-                        ({"targets": ()}, "targets"), ({"num_shared_experts": 1}, "shared"),
-                        ({"router": "avg_k"}, "avg_k"), ({"k": E + 1}, "k must"),
-                        ({"expert": "relu"}, "expert"),
-                        ({"expert_parallel": True}, "no expert-parallel path"),
-                        ({"ep_num_chunks": 2}, "ep_num_chunks")]:
+                        ({"targets": ()}, "targets"), ({"router": "avg_k"}, "avg_k"),
+                        ({"k": E + 1}, "k must"), ({"expert": "relu"}, "expert")]:
     with pytest.raises(ValueError, match=match):
       jax.eval_shape(_make(**kwargs).init, jax.random.PRNGKey(0), x)
+  # Shared experts and expert parallelism are no lora_moe fields: a clear config error.
+  for name, value in [("num_shared_experts", 1), ("expert_parallel", True),
+                      ("ep_num_chunks", 2)]:
+    with pytest.raises(ValueError, match=f"unknown ffn kwarg '{name}' for ffn 'lora_moe'"):
+      TransformerLM(vocab_size=16, d_model=D, num_layers=1, num_heads=2, d_ff=F, max_len=4,
+                    ffn="lora_moe", ffn_kwargs=((name, value),))
   with pytest.raises(ValueError, match="no LoRA adapter"):
     lora_experts.param_labels({"ffn": {"wi": jnp.zeros((2, 2))}})
   lora = {"wi": jnp.zeros((D, F)), "wi_lora_a": jnp.zeros((E, D, R))}
