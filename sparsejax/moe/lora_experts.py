@@ -225,7 +225,10 @@ class LoRAMoE(nn.Module):
     """Returns (y_BTD, aux) with the MoE layer's aux (losses and metrics)."""
     batch, length, d_model = x_BTD.shape
     shared = self._shared_params()
-    params = shared | self._adapters(shared) | router_params(self, router_DE)
+    params = shared | router_params(self, router_DE)
+    for name, w_IO in shared.items():
+      if SHARED_WEIGHTS[name][0] in self.targets:
+        params[name + LORA_A], params[name + LORA_B] = self._adapter(name, w_IO.shape)
     expert_fn = functools.partial(lora_moe_experts, kind=self.expert, scale=self.scale,
                                   implementation=self.implementation, tile=self.tile)
     y_TD, aux = apply_with_learned_router(self, params, x_BTD.reshape(batch * length, d_model),
@@ -241,22 +244,16 @@ class LoRAMoE(nn.Module):
         nn.initializers.lecun_normal(), SHARED_WEIGHTS[name][1]), shapes[name],
                              self.param_dtype).astype(self.dtype) for name in names}
 
-  def _adapters(self, shared: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """{w + "_lora_a": A_EIR, w + "_lora_b": B_ERO} for each shared weight w `[I, O]` on a
-    side in `targets`."""
-    adapters = {}
-    for name, w_IO in shared.items():
-      if SHARED_WEIGHTS[name][0] not in self.targets:
-        continue
-      (in_axis, out_axis), (width_in, width_out) = SHARED_WEIGHTS[name][1], w_IO.shape
-      a_EIR = self.param(name + LORA_A, nn.with_logical_partitioning(
-          _LORA_A_INIT, ("expert", in_axis, None)), (self.num_experts, width_in, self.rank),
-                         self.param_dtype)
-      b_ERO = self.param(name + LORA_B, nn.with_logical_partitioning(
-          nn.initializers.zeros, ("expert", None, out_axis)),
-                         (self.num_experts, self.rank, width_out), self.param_dtype)
-      adapters[name + LORA_A], adapters[name + LORA_B] = a_EIR, b_ERO
-    return {name: value.astype(self.dtype) for name, value in adapters.items()}
+  def _adapter(self, name: str, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """(A_EIR, B_ERO) of the shared weight `name` of shape (I, O)."""
+    (in_axis, out_axis), (width_in, width_out) = SHARED_WEIGHTS[name][1], shape
+    a_EIR = self.param(name + LORA_A, nn.with_logical_partitioning(
+        _LORA_A_INIT, ("expert", in_axis, None)), (self.num_experts, width_in, self.rank),
+                       self.param_dtype)
+    b_ERO = self.param(name + LORA_B, nn.with_logical_partitioning(
+        nn.initializers.zeros, ("expert", None, out_axis)),
+                       (self.num_experts, self.rank, width_out), self.param_dtype)
+    return a_EIR.astype(self.dtype), b_ERO.astype(self.dtype)
 
 
 def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
