@@ -3,8 +3,8 @@
 Saves are atomic (Orbax writes to a temporary directory and renames); the state is restored
 directly into the shardings of the current mesh, so a checkpoint written on one mesh restores
 on another. `restore_latest` fails safe: a step that does not restore (a partial or corrupt
-folder, a stray folder beside the good ones) is reported in one line, moved to
-`workdir/unreadable_checkpoints/`, and the next older step is tried.
+folder, a stray folder beside the good ones) is reported in one line and the next older step is
+tried; once one restores, the unreadable newer ones are moved to `workdir/unreadable_checkpoints/`.
 """
 import os
 import shutil
@@ -28,9 +28,10 @@ def _first_line(error: Exception) -> str:
 
 
 def _ignore_closed_loop_errors() -> None:
-  """From now on, drops the "Event loop is closed" errors that the other array reads of a failed
-  restore raise when TensorStore completes them on Orbax's closed loop (before and after the
-  restore raises); any other unraisable error still reaches the previous hook."""
+  """Drops the "Event loop is closed" errors that the other array reads of a failed restore
+  raise when TensorStore completes them on Orbax's closed loop (before and after the restore
+  raises, so after a failure it stays on); any other unraisable error reaches the previous
+  hook."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_errors", False):
     return
@@ -79,25 +80,34 @@ class Checkpoints:
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
     """(state, metadata, step) of the newest step that restores; None when there is no step.
 
-    Raises CheckpointError when there are steps and none restores (nothing is started afresh
-    over them).
+    Newer steps that did not restore are moved aside only once an older one has restored, so a
+    model that fits none of the steps (or a passing read error) moves nothing. Raises
+    CheckpointError when there are steps and none restores.
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
-    if steps:
-      _ignore_closed_loop_errors()
+    previous_hook = sys.unraisablehook
+    _ignore_closed_loop_errors()
+    unreadable = []
     for step in steps:
       try:
         state, meta = self.restore(step, abstract_state)
         jax.block_until_ready(state)
-        return state, meta, step
       except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds on bad data)
-        moved = self._set_aside(step)
-        print(f"warning: checkpoint step {step} does not restore ({_first_line(e)}); moved to "
-              f"{moved}, trying an older step", flush=True)
+        print(f"warning: checkpoint step {step} does not restore ({_first_line(e)}); trying an "
+              f"older step", flush=True)
+        unreadable.append(step)
+        continue
+      for bad in unreadable:
+        print(f"moved the unreadable step {bad} to {self._set_aside(bad)}", flush=True)
+      if not unreadable:
+        sys.unraisablehook = previous_hook
+      return state, meta, step
     if steps:
       raise CheckpointError(
-          f"no checkpoint in {self.directory} restores (steps {', '.join(map(str, steps))} "
-          f"moved to {os.path.join(self.workdir, UNREADABLE_DIR)}); rerun to start afresh")
+          f"no checkpoint in {self.directory} restores (steps {', '.join(map(str, steps))}; "
+          f"nothing was moved): check that the config matches the run, or move the directory "
+          f"away to start afresh")
+    sys.unraisablehook = previous_hook
     return None
 
   def _set_aside(self, step: int) -> str:

@@ -41,7 +41,7 @@ class MetricsWriter:
     self._tb = None
     if primary:
       _drop_records_after(self.path, resume_step)
-      self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+      self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), resume_step)
 
   def write(self, step: int, metrics: dict[str, Any], eta_seconds: float | None = None) -> None:
     record = {"step": step, **{k: to_jsonable(v) for k, v in sorted(metrics.items())}}
@@ -128,12 +128,12 @@ def _console_line(step: int, scalars: dict[str, float], eta_seconds: float | Non
   return " | ".join(parts)
 
 
-def _tensorboard_writer(logdir: str):
+def _tensorboard_writer(logdir: str, resume_step: int):
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return SummaryWriter(logdir)
+  return SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -76,13 +76,15 @@ def initial_mask_inputs(sparsity: ml_collections.ConfigDict, grad_fn: Callable[[
 
 
 def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collections.ConfigDict,
-                          params: Any, seed: int, init_kwargs: dict[str, Any] | None = None):
+                          params: Any, seed: int, init_kwargs: dict[str, Any] | None = None,
+                          init: str | None = None):
   """(`tx` under `sparsejax.masks.wrap`, the initial `Mask`) as `config.sparsity` describes.
 
   The initial mask keeps a `sparsity.density` fraction of the sparsified leaves of `params`,
   spread over the leaves by `sparsity.distribution`, scored by `sparsity.init` (random draws
   from fold_in(PRNGKey(seed), MASK_RNG_STREAM); gradient-scored inits need `init_kwargs` from
-  `initial_mask_inputs`); the updater and schedule come from the registries by name.
+  `initial_mask_inputs`; `init` scores with another init instead); the updater and schedule
+  come from the registries by name.
   """
   check_sparsity(sparsity)
   rules = tuple((pattern, spec.to_dict() if hasattr(spec, "to_dict") else spec)
@@ -90,7 +92,7 @@ def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collect
   key = jax.random.fold_in(jax.random.PRNGKey(seed), MASK_RNG_STREAM)
   try:
     mask = masks.make_mask(params, sparsity.density, sparsity.distribution, rules,
-                           init=sparsity.init, key=key, power=sparsity.erk_power,
+                           init=init or sparsity.init, key=key, power=sparsity.erk_power,
                            **(init_kwargs or {}))
   except ValueError as e:
     raise ValueError(f"config.sparsity (density={sparsity.density}): {e}") from None

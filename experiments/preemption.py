@@ -5,6 +5,10 @@ so a scheduler can tell "preempted, requeue me" from "finished" (0) and "failed"
 """
 import signal
 
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
 EXIT_PREEMPTED = 75
 
 
@@ -27,6 +31,14 @@ class StopSignal:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+  def received_anywhere(self) -> bool:
+    """Whether any process got a signal (a collective on several processes: all stop at the
+    same step, since each save and train step is one)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    flags = multihost_utils.process_allgather(np.asarray(self.received is not None))
+    return bool(np.any(flags))
 
   @property
   def reason(self) -> str | None:

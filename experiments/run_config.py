@@ -66,20 +66,25 @@ def check_config(config: ml_collections.ConfigDict, tasks: Iterable[str]) -> Non
 
 
 def _parse_value(text: str, field_type: type | None) -> Any:
-  """`text` as `field_type` (a field's declared type: bool, int, float or str); for any other
-  type, a None field or a new key, a Python literal if it reads as one (1.25, (0, 2), None),
-  else the string."""
+  """`text` as `field_type` (a field's declared type: bool, int, float or str; "None" clears a
+  str field); for any other type, a None field or a new key, a Python literal if it reads as
+  one (1.25, (0, 2), None), else the string."""
   if field_type is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"{text!r} is not a bool (true or false)")
     return text.lower() in ("true", "1")
   if field_type in (int, float):
     try:
-      return field_type(ast.literal_eval(text))
-    except (ValueError, SyntaxError, TypeError):
-      raise ValueError(f"{text!r} is not a {field_type.__name__}") from None
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    allowed = (int,) if field_type is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+      raise ValueError(f"{text!r} is not a{'n' if field_type is int else ''} "
+                       f"{field_type.__name__}")
+    return field_type(value)
   if field_type is str:
-    return text
+    return None if text == "None" else text
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -105,6 +110,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     free_form = path.rstrip(".") in FREE_FORM_KEYS
     if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not free_form):
       raise ConfigError(_unknown(key, arg, node, leaf))
+    if isinstance(node.get(leaf), ml_collections.ConfigDict):
+      raise ConfigError(f"flag {arg}: config.{key} is a section; set its fields, e.g. "
+                        f"--config.{key}.{next(iter(node[leaf].keys()), 'name')}=...")
     try:
       value = _parse_value(text, node.get_type(leaf) if leaf in node else None)
       with node.ignore_type():

@@ -150,7 +150,7 @@ def main(argv):
           f"resume; exit status {EXIT_PREEMPTED}", flush=True)
     sys.exit(EXIT_PREEMPTED)
   print(f"done at step {summary['step']}: " + ", ".join(
-      f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("eval/")), flush=True)
+      f"{k}={summary[k]:.4g}" for k in summary["headline"] if k in summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from experiments import checkpoints as ckpt_lib
 from experiments import metrics as metrics_lib
@@ -96,15 +95,6 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
   return train_step
 
 
-def _build_task(task_class, config: ml_collections.ConfigDict) -> tasks.Task:
-  """The task; with several processes, process 0 builds it (and prepares its data) first."""
-  if jax.process_count() == 1:
-    return task_class(config)
-  task = task_class(config) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("task data prepared")
-  return task or task_class(config)
-
-
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   stacked = jax.device_get(window)
   return {k: np.mean([m[k] for m in stacked], axis=0) for k in stacked[0]}
@@ -123,17 +113,15 @@ class Trainer:
     try:
       if not fresh:  # a run without checkpoints may restart with any config
         run_config.check_resume(config, workdir)
-      task_class = tasks.TASKS.get(config.task)
-      task_class.check_config(config)
-      self.task = _build_task(task_class, config)
+      self.task = tasks.build_task(config)
       self.batch_sharding = tasks.batch_sharding(self.task, self.mesh)
       self.rows = loader.process_rows(self.batch_sharding, config.train.batch_size)
       self.data = self._train_iterator(self.rows)
       self.tx, self.schedule = optim.make_optimizer(config.train)
       self._init_params, model_state = self._initial_variables(
           load=fresh and config.init.from_workdir is not None)
-      self.initial_mask = (self._make_sparse_optimizer(model_state) if config.sparsity.enabled
-                           else None)
+      self.initial_mask = (self._make_sparse_optimizer(model_state, fresh)
+                           if config.sparsity.enabled else None)
       self._init_abstract_state()  # traces the model: layers check their settings here
     except ValueError as e:
       self.checkpoints.close()
@@ -169,15 +157,22 @@ class Trainer:
     params = model_state.pop("params")
     return (warm_start.load_params(self.config.init, params) if load else params), model_state
 
-  def _make_sparse_optimizer(self, model_state: Any) -> masks.Mask:
-    """Wraps `self.tx` for sparse training; the initial mask, scored on the initial params."""
+  def _make_sparse_optimizer(self, model_state: Any, fresh: bool) -> masks.Mask:
+    """Wraps `self.tx` for sparse training; the initial mask, scored on the initial params (on
+    a resume the checkpoint holds the mask, so magnitude scores give its template)."""
     sparsity = self.config.sparsity
     optim.check_sparsity(sparsity)
+    if not fresh:
+      self.tx, mask = optim.make_sparse_optimizer(self.tx, sparsity, self._init_params,
+                                                  self.config.seed, init="magnitude")
+      return mask
     grad_fn = jax.grad(lambda p, b: objective(self.task, p, model_state, b, deterministic=True)[0])
 
     def first_batches(n):  # whole global batches: the scores are computed on the host
       batches = self._train_iterator(np.arange(self.config.train.batch_size))
-      return [next(batches) for _ in range(n)]
+      first = [next(batches) for _ in range(n)]
+      batches.close()
+      return first
 
     inputs = optim.initial_mask_inputs(sparsity, grad_fn, self._init_params, first_batches)
     self.tx, mask = optim.make_sparse_optimizer(self.tx, sparsity, self._init_params,
@@ -228,7 +223,11 @@ class Trainer:
     if restored is None:
       return self.init_state()
     state, meta, step = restored
-    self.data.set_state(meta["data_state"])
+    try:
+      self.data.set_state(meta["data_state"])
+    except (KeyError, ValueError) as e:
+      raise ckpt_lib.CheckpointError(f"checkpoint step {step} in {self.checkpoints.directory} "
+                                     f"holds no usable data state ({e})") from None
     print(f"resumed from {self.checkpoints.directory} at step {step}", flush=True)
     return state
 
@@ -240,7 +239,7 @@ class Trainer:
     variables = {"params": params, **state["model_state"]}
     totals = None
     for batch in self.task.eval_batches:
-      sums = self.eval_step(variables, self._put({k: v[self.rows] for k, v in batch.items()}))
+      sums = self.eval_step(variables, self._put(loader.take_rows(batch, self.rows)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return self.task.eval_summary(jax.device_get(totals))
 
@@ -273,7 +272,7 @@ class Trainer:
           print(f"step {step} done: compiled and ran in {time.perf_counter() - clock:.1f} s",
                 flush=True)
           clock, clock_step, compiled = time.perf_counter(), step, True
-        preempted = stop.received is not None or step == stop_at_step
+        preempted = stop.received_anywhere() or step == stop_at_step
         log = step % cfg.log_every == 0 or step == cfg.num_steps
         evaluate = step % cfg.eval_every == 0 or step == cfg.num_steps
         save = step % self.config.checkpoint.every == 0 or step == cfg.num_steps or preempted
@@ -305,7 +304,7 @@ class Trainer:
           break
     self.checkpoints.wait()
     self.state = state
-    return {**summary, "preempted": step < cfg.num_steps}
+    return {**summary, "preempted": step < cfg.num_steps, "headline": self.task.headline}
 
   def save(self, state, step: int) -> None:
     """Checkpoints `state` as step `step`, with the data iterator's state and the config."""
@@ -333,6 +332,7 @@ class Trainer:
                                f"saving. Last good checkpoint: {kept}")
 
   def close(self) -> None:
+    self.data.close()
     self.checkpoints.close()
     if hasattr(self, "metrics"):
       self.metrics.close()

@@ -8,5 +8,6 @@ from experiments.tasks import lm  # noqa: F401 (registers "lm")
 from experiments.tasks.base import TASKS
 from experiments.tasks.base import Task
 from experiments.tasks.base import batch_sharding
+from experiments.tasks.base import build_task
 from experiments.tasks.base import param_counts
 from experiments.tasks.base import weighted_cross_entropy

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 
 from sparsejax import sharding
 from sparsejax.registry import Registry
@@ -83,6 +84,18 @@ class Task(abc.ABC):
     """The fraction of a param a single example uses (1 unless the model routes, see lm)."""
     del path, axes
     return 1.0
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+  """The task `config.task`, after its config check; with several processes, process 0 builds
+  it (and so prepares its data) before the others."""
+  task_class = TASKS.get(config.task)
+  task_class.check_config(config)
+  if jax.process_count() == 1:
+    return task_class(config)
+  task = task_class(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("task data prepared")
+  return task or task_class(config)
 
 
 def param_counts(task: Task, boxed_params: Any) -> tuple[int, int]:

@@ -34,8 +34,7 @@ class Classify(Task):
     eval_data = load(data.eval_split)
     self.eval_batches = data_lib.digits.eval_batches(eval_data, config.train.batch_size)
     self.model = models.build_classifier(config.classifier, num_classes)
-    self.description = (f"{data.name}: {self.train_source.num_examples:,} {data.train_split} and "
-                        f"{eval_data.num_examples:,} {data.eval_split} examples, "
+    self.description = (f"{self.train_source.summary()}; eval {eval_data.summary()}; "
                         f"{num_classes} classes")
 
   def init_inputs(self):

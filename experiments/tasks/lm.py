@@ -4,6 +4,8 @@ Loss: mean next-byte cross-entropy over non-PAD targets. Eval: loss (nats per by
 per byte over `config.train.eval_batches` fixed batches of the eval split; for product-key
 memory layers, slot usage, access entropy and top slots over the whole eval window.
 """
+import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from experiments.tasks.base import Task
 from experiments.tasks.base import weighted_cross_entropy
 from sparsejax import memory
 from sparsejax import models
+from sparsejax import registry
 
 
 def with_data_statistics(model_config: ml_collections.ConfigDict,
@@ -49,10 +52,7 @@ class LanguageModel(Task):
     self.model = models.build_lm(with_data_statistics(config.model, self.train_source),
                                  vocab_size=data_lib.VOCAB_SIZE)
     self.units_per_example = train.seq_len
-    self.description = (
-        f"{data.name} {data.train_split}: {self.train_source.num_tokens:,} bytes in "
-        f"{self.train_source.num_windows:,} windows of {train.seq_len}; {data.eval_split}: "
-        f"{eval_data.num_tokens:,} bytes")
+    self.description = f"{self.train_source.summary()}; eval {eval_data.summary()}"
 
   @classmethod
   def check_config(cls, config):
@@ -82,11 +82,21 @@ class LanguageModel(Task):
             **{k: float(v) if jnp.ndim(v) == 0 else v for k, v in window.items()}}
 
   def active_fraction(self, path, axes):
-    """Routed experts count k / num_experts ("expert" axis), memory values the rows a token
-    reads, num_heads * k of num_keys**2 ("memory" axis)."""
-    ffn = self.config.model.ffn
-    if "expert" in axes and "num_experts" in ffn and ffn.name != "soft_moe":
-      return min(1.0, ffn.get("k", 1) / ffn.num_experts)
-    if "memory" in axes and "num_keys" in ffn:
-      return min(1.0, ffn.get("num_heads", 1) * ffn.get("k", 1) / ffn.num_keys**2)
+    """Routed experts count k / num_experts ("expert" axis; k = 1 for a layer without k, such
+    as hash routing; Soft MoE mixes every token into every expert), memory values the rows a
+    token reads, num_heads * k of num_keys**2 ("memory" axis)."""
+    setting = functools.partial(_ffn_setting, self.config.model.ffn)
+    if "expert" in axes and setting("num_experts") and self.config.model.ffn.name != "soft_moe":
+      return min(1.0, (setting("k") or 1) / setting("num_experts"))
+    if "memory" in axes and setting("num_keys"):
+      return min(1.0, setting("num_heads") * setting("k") / setting("num_keys") ** 2)
     return 1.0
+
+
+def _ffn_setting(ffn: ml_collections.ConfigDict, name: str):
+  """`model.ffn`'s value of `name`, else the registered layer's default (None if it has none)."""
+  if name in ffn:
+    return ffn[name]
+  fields = {f.name: f.default for f in dataclasses.fields(registry.FFNS.get(ffn.name))}
+  default = fields.get(name)
+  return None if default is dataclasses.MISSING else default

@@ -49,7 +49,7 @@ in by registering itself, without edits to the model):
   with y_BTD of x_BTD's shape and `aux = {"losses": {name: scalar}, "metrics": {name: array}}`
   (`sparsejax.auxiliary.empty_aux()` when there is nothing). The model merges every block's aux
   with keys prefixed by the block path, e.g. "layer_1/ffn/load_balance"; the trainer adds
-  `sum(aux["losses"].values())` to the cross-entropy (so scale a loss by its coefficient inside
+  `sparsejax.total_aux_loss(aux)` to the task loss (so scale a loss by its coefficient inside
   the layer) and logs `aux["metrics"]`. Randomness, when `deterministic` is False, comes from
   Linen rng streams (`self.make_rng`).
 * Params are created with logical axis names (`nn.with_logical_partitioning`, or

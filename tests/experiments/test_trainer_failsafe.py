@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints as ckpt_lib
 from experiments import metrics as metrics_lib
 from experiments import trainer as trainer_lib
 from tests.experiments.test_trainer import REPO
@@ -176,3 +177,13 @@ def test_non_finite_update_is_named(stdlib_data_dir, tmp_path):
   with pytest.raises(trainer_lib.NonFiniteLossError,
                      match=r"parameter update \(train/update_norm=nan, while train/loss=5.*finite\)"):
     run(config, tmp_path)
+
+
+def test_a_model_that_fits_no_step_moves_nothing(stdlib_data_dir, tmp_path):
+  run(tiny_config(stdlib_data_dir), tmp_path, stop_at_step=4)
+  os.remove(tmp_path / "config.json")  # a workdir from before config.json was written
+  config = tiny_config(stdlib_data_dir)
+  config.model.d_model = 64
+  with pytest.raises(ckpt_lib.CheckpointError, match="nothing was moved"):
+    run(config, tmp_path)
+  assert saved_steps(tmp_path) == [4] and not os.path.exists(tmp_path / "unreadable_checkpoints")
