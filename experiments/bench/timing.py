@@ -39,3 +39,24 @@ def case(name: str, fn: Callable[..., Any], *args, repeats: int, **extra) -> dic
       "peak_bytes": peak_bytes(fn, *args),
       **extra,
   }
+
+
+def interleaved_cases(cases: dict[str, tuple[Callable[..., Any], tuple]], *, repeats: int,
+                      warmup: int = 1) -> list[dict[str, Any]]:
+  """One row per case `{name: (fn, args)}`, timed round-robin so load drift hits every case alike.
+
+  Each round runs every case once (jitted, blocking on the result); a row holds the median over
+  `repeats` rounds after `warmup` rounds, with min_s and max_s as the spread, and XLA's peak
+  bytes estimate.
+  """
+  jitted = {name: jax.jit(fn) for name, (fn, _) in cases.items()}
+  times: dict[str, list[float]] = {name: [] for name in cases}
+  for round_index in range(warmup + repeats):
+    for name, (_, args) in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(jitted[name](*args))
+      if round_index >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return [{"case": name, "median_s": statistics.median(times[name]), "min_s": min(times[name]),
+           "max_s": max(times[name]), "peak_bytes": peak_bytes(fn, *args)}
+          for name, (fn, args) in cases.items()]

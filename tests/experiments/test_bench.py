@@ -30,3 +30,18 @@ def test_unknown_benchmark_is_a_clear_error(capsys):
   with pytest.raises(SystemExit):
     bench_main.main(["nope"])
   assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_interleaved_cases_time_every_case_each_round():
+  calls = []
+  def counted(name):
+    def fn(x):
+      calls.append(name)  # runs at trace time only: once per case
+      return x * 2
+    return fn
+  x = jnp.ones((8,))
+  rows = timing.interleaved_cases({"a": (counted("a"), (x,)), "b": (counted("b"), (x,))},
+                                  repeats=3)
+  assert [r["case"] for r in rows] == ["a", "b"] and calls[:2] == ["a", "b"]
+  for r in rows:
+    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["peak_bytes"] >= 64
