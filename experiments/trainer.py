@@ -117,7 +117,8 @@ class Trainer:
       self.batch_sharding = tasks.batch_sharding(self.task, self.mesh)
       self.rows = loader.process_rows(self.batch_sharding, config.train.batch_size)
       self.data = self._train_iterator(self.rows)
-      self.tx, self.schedule = optim.make_optimizer(config.train)
+      tx, self.schedule = optim.make_optimizer(config.train)
+      self.tx = self.task.wrap_optimizer(tx)
       self._init_params, model_state = self._initial_variables(
           load=fresh and config.init.from_workdir is not None)
       self.initial_mask = (self._make_sparse_optimizer(model_state, fresh)
@@ -239,13 +240,14 @@ class Trainer:
     variables = {"params": params, **state["model_state"]}
     totals = None
     for batch in self.task.eval_batches:
-      sums = self.eval_step(variables, self._put(loader.take_rows(batch, self.rows)))
+      size = len(next(iter(batch.values())))  # eval batches may differ from train batches
+      local = loader.take_rows(batch, loader.process_rows(self.batch_sharding, size))
+      sums = self.eval_step(variables, self._put(local, size))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return self.task.eval_summary(jax.device_get(totals))
 
-  def _put(self, local_batch: dict[str, np.ndarray]):
-    """This process's rows of a global batch as global arrays sharded over the batch axes."""
-    size = self.config.train.batch_size
+  def _put(self, local_batch: dict[str, np.ndarray], size: int):
+    """This process's rows of a global batch of `size` rows as arrays sharded over batch axes."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (size, *v.shape[1:]))
             for k, v in local_batch.items()}
 
@@ -264,7 +266,7 @@ class Trainer:
     clock, clock_step, compiled = time.perf_counter(), step, False
     with preemption.StopSignal() as stop:
       while step < cfg.num_steps:
-        state, metrics = self.train_step(state, self._put(next(self.data)))
+        state, metrics = self.train_step(state, self._put(next(self.data), cfg.batch_size))
         step += 1
         window.append(metrics)
         if not compiled:  # do not count compilation in the first window's speed
@@ -299,8 +301,7 @@ class Trainer:
           last_saved = step
         clock, clock_step = time.perf_counter(), step
         if preempted:
-          print(f"preempted ({stop.reason or 'stop_at_step'}) at step {step}; checkpoint saved",
-                flush=True)
+          print(f"preempted ({stop.reason or 'stop_at_step'}) at step {step}; saved", flush=True)
           break
     self.checkpoints.wait()
     self.state = state

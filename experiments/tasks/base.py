@@ -15,8 +15,9 @@ the rest. A task is built from the run's config and holds:
 
 and implements `loss(outputs, batch) -> (loss, metrics)` (the trainer adds the model's aux
 losses), `eval_step(variables, batch) -> sums` (a pytree that adds up over eval batches) and
-`eval_summary(totals) -> {name: float}`. A new kind of run is one file in `experiments/tasks/`
-registering its class with `@TASKS.register("name")`; `config.task` picks it.
+`eval_summary(totals) -> {name: float}`; it may constrain the optimizer (`wrap_optimizer`). Eval
+batches may have another leading size than training batches. A new kind of run is one file in
+`experiments/tasks/` registering its class with `@TASKS.register("name")`; `config.task` picks it.
 """
 import abc
 from typing import Any, ClassVar
@@ -79,6 +80,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def eval_summary(self, totals) -> dict[str, float]:
     """Eval metrics from the sums over all eval batches."""
+
+  def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The optimizer this task trains with, from the configured one (e.g. a constraint chained
+    after it); unchanged by default."""
+    return tx
 
   def active_fraction(self, path: str, axes: tuple[str | None, ...]) -> float:
     """The fraction of a param a single example uses (1 unless the model routes, see lm)."""
