@@ -9,6 +9,7 @@ only the fields in `RESUMABLE` may differ.
 import ast
 import json
 import os
+import runpy
 import tempfile
 from typing import Any, Iterable
 
@@ -18,7 +19,7 @@ from experiments.configs import base as base_config
 
 # Subtrees whose extra keys are a layer's own arguments, validated by the model builder.
 FREE_FORM_KEYS = ("model.ffn", "model.attention", "model.embedding", "classifier",
-                  "sparsity.updater", "sparsity.schedule")
+                  "sae.dictionary", "sparsity.updater", "sparsity.schedule")
 # Fields a resumed run may change: length, logging, the optimizer's hyperparameters (not its
 # structure), checkpointing, mesh, where data lives, and the warm start (fresh runs only).
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -178,3 +179,15 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json(indent=1, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
+
+
+def load_config(spec: str, overrides: list[str]):
+  """The config of `--config=FILE[:ARG]` with `overrides` applied; ConfigError when unusable."""
+  path, _, arg = spec.partition(":")
+  try:
+    get_config = runpy.run_path(path)["get_config"]
+    config = get_config(arg) if arg else get_config()
+  except Exception as e:  # pylint: disable=broad-except  (a config file may raise anything)
+    raise ConfigError(f"cannot load --config={spec} ({type(e).__name__}: {e})") from None
+  apply_overrides(config, overrides)
+  return config

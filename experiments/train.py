@@ -18,7 +18,6 @@ JAX starts, when true or when auto finds a multi-host environment (`wants_distri
 mesh (`config.mesh`) then spans the devices of all hosts. See README "Cloud TPU / multi-host".
 """
 import os
-import runpy
 import sys
 from typing import Mapping
 
@@ -112,25 +111,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
 
 
-def load_config(spec: str, overrides: list[str]):
-  """The config of `--config=FILE[:ARG]` with `overrides` applied; ConfigError when unusable."""
-  path, _, arg = spec.partition(":")
-  try:
-    get_config = runpy.run_path(path)["get_config"]
-    config = get_config(arg) if arg else get_config()
-  except Exception as e:  # pylint: disable=broad-except  (a config file may raise anything)
-    raise run_config.ConfigError(f"cannot load --config={spec} ({type(e).__name__}: {e})") from None
-  run_config.apply_overrides(config, overrides)
-  return config
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=experiments/configs/lm_dense.py")
   try:
-    config = load_config(_CONFIG.value, _OVERRIDES)
+    config = run_config.load_config(_CONFIG.value, _OVERRIDES)
   except run_config.ConfigError as e:
     _fail(str(e))
   if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (Orbax) off the console

@@ -6,6 +6,7 @@ Importing the package imports its layer modules, so every layer is registered in
 from sparsejax import models  # noqa: F401 (imported to register its layers)
 from sparsejax import memory  # noqa: F401
 from sparsejax import moe  # noqa: F401
+from sparsejax import sae  # noqa: F401
 from sparsejax.auxiliary import total_aux_loss  # noqa: F401 (public helper)
 
 __version__ = "0.1.0"

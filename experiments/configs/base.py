@@ -3,7 +3,7 @@
 Other configs start from `get_config()` here and override fields; the trainer rejects keys
 that are not in this schema (except inside `model.ffn` and `model.attention`, whose extra
 keys are the chosen layer's own arguments and are checked by the model builder, and likewise
-inside `classifier`, `sparsity.updater` and `sparsity.schedule`).
+inside `classifier`, `sae.dictionary`, `sparsity.updater` and `sparsity.schedule`).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "lm": byte-level language model (config.model) on a TFDS text dataset; "classify": the
   # classifier config.classifier on a classification dataset (data.name="digits", bundled, or a
   # prepared TFDS image dataset such as "mnist", "fashion_mnist", "cifar10"; splits
-  # data.train_split / data.eval_split).
+  # data.train_split / data.eval_split); "sae": a sparse autoencoder on LM activations (c.sae).
   c.task = "lm"
 
   c.data = ml_collections.ConfigDict()
@@ -45,6 +45,21 @@ def get_config() -> ml_collections.ConfigDict:
 
   # task="classify": a registered model (sparsejax.registry.MODELS) and its own arguments.
   c.classifier = ml_collections.ConfigDict({"name": "mlp"})
+
+  # task="sae": a sparse autoencoder / transcoder on a trained LM's activations (see
+  # experiments/tasks/sae.py). The LM run in lm_workdir (trained there first from lm_config when
+  # missing); sites / target_sites: sparsejax.sites patterns; dictionary: SAEConfig's own fields.
+  c.sae = ml_collections.ConfigDict()
+  c.sae.lm_workdir = "/tmp/lm_dense"
+  c.sae.lm_config = "experiments/configs/lm_dense.py"
+  c.sae.sites = "layer_1/resid_post"
+  c.sae.target_sites = config_dict.placeholder(str)  # set for a transcoder
+  c.sae.harvest_tokens = 2**18
+  c.sae.cache_dir = config_dict.placeholder(str)  # None: harvest in memory on every start
+  c.sae.eval_windows = 16  # LM windows per eval batch
+  c.sae.unit_norm_decoder = True
+  c.sae.init = "tied"  # or "active_subspace"; b_dec starts at the data's geometric median
+  c.sae.dictionary = ml_collections.ConfigDict({"kind": "topk", "num_latents": 2048, "k": 16})
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 400

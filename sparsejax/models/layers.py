@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from sparsejax.auxiliary import Aux, empty_aux
 from sparsejax.registry import ATTENTIONS, FFNS
+from sparsejax.sites import Site
 
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -73,6 +74,7 @@ class CausalSelfAttention(nn.Module):
   o_h = softmax(q_h k_h^T / sqrt(K) + M) v_h with M_ij = -inf for j > i;
   y = concat_h(o_h) W_o. With positions == "learned" the model adds positions to its input and
   this layer sees none. No dropout: `deterministic` is accepted for the layer contract.
+  Site (`sparsejax.sites`) "heads": o_BTHK, the per-head outputs before W_o.
   Vaswani et al. 2017, "Attention Is All You Need".
   """
 
@@ -101,6 +103,7 @@ class CausalSelfAttention(nn.Module):
       q_BTHK = apply_rope(q_BTHK, positions_1T, self.rope_max_wavelength)
       k_BTHK = apply_rope(k_BTHK, positions_1T, self.rope_max_wavelength)
     o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
+    o_BTHK = Site(name="heads")(o_BTHK)
     w_HKD = logical_param(
         self,
         "wo",
@@ -132,6 +135,8 @@ class DenseFFN(nn.Module):
   swiglu: y = (silu(x W_gate) * (x W_in)) W_out
   with W_in, W_gate: D x F and W_out: F x D; no biases. For swiglu, F is used as given (no 2/3
   rescaling). No dropout: `deterministic` is accepted for the layer contract.
+  Sites (`sparsejax.sites`): "in" (x), "hidden" (the F hidden units gelu(x W_in), or the
+  product for swiglu: the neuron site) and "out" (y).
   Vaswani et al. 2017, "Attention Is All You Need"; Shazeer 2020, "GLU Variants Improve
   Transformer" (swiglu).
   """
@@ -146,15 +151,16 @@ class DenseFFN(nn.Module):
     del deterministic  # No dropout.
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-    x_BTD = x_BTD.astype(self.dtype)
+    x_BTD = Site(name="in")(x_BTD.astype(self.dtype))
     h_BTF = x_BTD @ self._weight("wi", (self.d_model, self.d_ff), ("embed", "mlp"))
     if self.activation == "gelu":
       h_BTF = nn.gelu(h_BTF, approximate=True)
     else:
       gate_BTF = x_BTD @ self._weight("wi_gate", (self.d_model, self.d_ff), ("embed", "mlp"))
       h_BTF = nn.silu(gate_BTF) * h_BTF
+    h_BTF = Site(name="hidden")(h_BTF)
     y_BTD = h_BTF @ self._weight("wo", (self.d_ff, self.d_model), ("mlp", "embed"))
-    return y_BTD, empty_aux()
+    return Site(name="out")(y_BTD), empty_aux()
 
   def _weight(self, name: str, shape: tuple[int, int], logical_axes: tuple[str, str]) -> jax.Array:
     return logical_param(

@@ -18,6 +18,7 @@ import ml_collections
 from sparsejax.auxiliary import Aux, empty_aux, merge_aux
 from sparsejax.models.layers import POSITIONS, logical_param
 from sparsejax.registry import ATTENTIONS, EMBEDDINGS, FFNS, Registry
+from sparsejax.sites import Site
 
 Kwargs = tuple[tuple[str, Any], ...]
 
@@ -53,7 +54,9 @@ class DecoderBlock(nn.Module):
 
   The FFN also receives `token_ids_BT` when its class declares `takes_token_ids`, and
   `router_DE` when one is given (a router weight shared across blocks). The block's aux merges
-  the attention's and the FFN's, prefixed "attention/" and "ffn/".
+  the attention's and the FFN's, prefixed "attention/" and "ffn/". Sites (`sparsejax.sites`):
+  "resid_pre" (the block's input), "resid_mid" (after the attention is added), "resid_post" (the
+  block's output).
   Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (pre-norm).
   """
 
@@ -94,14 +97,15 @@ class DecoderBlock(nn.Module):
     ffn_inputs = self._ffn_inputs(ffn_cls, token_ids_BT, router_DE)
     if values_ND is not None:  # a memory value table shared across blocks
       ffn_inputs["values_ND"] = values_ND
+    x_BTD = Site(name="resid_pre")(x_BTD)
     y_BTD, attention_aux = attention(
         _rms_norm("attention_norm", self.dtype)(x_BTD), deterministic=deterministic
     )
-    x_BTD = x_BTD + y_BTD
+    x_BTD = Site(name="resid_mid")(x_BTD + y_BTD)
     y_BTD, ffn_aux = ffn(
         _rms_norm("ffn_norm", self.dtype)(x_BTD), deterministic=deterministic, **ffn_inputs
     )
-    x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+    x_BTD = Site(name="resid_post")(nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES))
     aux = merge_aux("attention", attention_aux, empty_aux())
     return x_BTD, merge_aux("ffn", ffn_aux, aux)
 

@@ -1,0 +1,31 @@
+"""A TopK sparse autoencoder on the default LM's middle residual stream (after block 1 of 3).
+
+Command:
+  python -m experiments.train --config=experiments/configs/sae_lm.py --workdir=/tmp/sae_lm
+
+The LM comes from --config.sae.lm_workdir (default /tmp/lm_dense, the quickstart's workdir):
+a finished run there is loaded; otherwise experiments/configs/lm_dense.py is trained there
+first (about 3 minutes on a 2-core CPU). Then 2^18 activations of "layer_1/resid_post" are
+harvested and a 2048-latent TopK SAE (k=16, AuxK dead-latent loss) trains on them. Other
+architectures: --config.sae.dictionary.kind=relu|batchtopk|jumprelu|threshold; a transcoder of
+block 1's FFN: --config.sae.sites=layer_1/ffn/in --config.sae.target_sites=layer_1/ffn/out.
+
+Expected on a 2-core CPU: (measured below).
+"""
+from experiments.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.task = "sae"
+  c.sae.sites = "layer_1/resid_post"
+  c.sae.dictionary = {"kind": "topk", "num_latents": 2048, "k": 16}
+  c.train.num_steps = 1000
+  c.train.batch_size = 1024
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.0
+  c.train.eval_every = 250
+  c.train.eval_batches = 8
+  c.checkpoint.every = 250
+  return c
