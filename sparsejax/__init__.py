@@ -4,6 +4,7 @@ Importing the package imports its layer modules, so every layer is registered in
 `sparsejax.registry` before a config names it.
 """
 from sparsejax import models  # noqa: F401 (imported to register its layers)
+from sparsejax import attention  # noqa: F401
 from sparsejax import memory  # noqa: F401
 from sparsejax import moe  # noqa: F401
 from sparsejax import sae  # noqa: F401
