@@ -40,8 +40,6 @@ _ARCHITECTURES = {
     "skip_transcoder": ("relu", True, True),
     "jumprelu_transcoder": ("jumprelu", True, False),
 }
-_BASE_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
 
 def saelens_config(config: SAEConfig, *, dtype: str = "float32", **metadata: Any
                    ) -> dict[str, Any]:
@@ -67,16 +65,12 @@ def saelens_config(config: SAEConfig, *, dtype: str = "float32", **metadata: Any
 def config_from_saelens(cfg: dict[str, Any], **overrides: Any) -> SAEConfig:
   """The `SAEConfig` computing what a SAELens SAE with cfg dict `cfg` computes; `overrides`
   set the training-only fields (penalty coefficients, ...)."""
-  architecture = cfg.get("architecture")
-  if architecture not in _ARCHITECTURES:
-    raise ValueError(f"cfg['architecture']={architecture!r}; allowed: "
-                     f"{', '.join(_ARCHITECTURES)}")
-  kind, transcoder, skip = _ARCHITECTURES[architecture]
+  kind, transcoder, skip = _signature(cfg)
   for key, allowed in (("normalize_activations", "none"), ("reshape_activations", "none"),
                        ("rescale_acts_by_decoder_norm", False),
                        ("apply_b_dec_to_input", not transcoder)):
     if cfg.get(key, allowed) != allowed:
-      raise ValueError(f"cfg[{key!r}]={cfg[key]!r}; a {architecture!r} SAE here needs "
+      raise ValueError(f"cfg[{key!r}]={cfg[key]!r}; a {cfg['architecture']!r} SAE here needs "
                        f"{allowed!r} (fold it into the weights first)")
   fields = {"d_in": cfg["d_in"], "num_latents": cfg["d_sae"], "kind": kind, "skip": skip,
             "d_out": cfg["d_out"] if transcoder else None}
@@ -171,13 +165,18 @@ def _architecture(config: SAEConfig) -> str:
                    f"{', '.join(_ARCHITECTURES)}")
 
 
-def _saelens_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-  """The tensors of SAELens's state dict for `cfg`, name -> shape."""
+def _signature(cfg: dict[str, Any]) -> tuple[str, bool, bool]:
+  """(kind, transcoder, skip) of the SAELens architecture cfg["architecture"]."""
   architecture = cfg.get("architecture")
   if architecture not in _ARCHITECTURES:
     raise ValueError(f"cfg['architecture']={architecture!r}; allowed: "
                      f"{', '.join(_ARCHITECTURES)}")
-  kind, transcoder, skip = _ARCHITECTURES[architecture]
+  return _ARCHITECTURES[architecture]
+
+
+def _saelens_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+  """The tensors of SAELens's state dict for `cfg`, name -> shape."""
+  kind, transcoder, skip = _signature(cfg)
   d_in, d_sae = cfg["d_in"], cfg["d_sae"]
   d_out = cfg["d_out"] if transcoder else d_in
   shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out),

@@ -1,4 +1,4 @@
-"""SAELens export: file layout, bit-exact round trip, SAELens's forward pass, input-scale folding."""
+"""SAELens export: file layout, bit-exact round trip, SAELens forward pass, scale folding."""
 import json
 import os
 
