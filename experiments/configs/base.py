@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   # experiments/tasks/sae.py). The LM run in lm_workdir (trained there first from lm_config when
   # missing); sites / target_sites: sparsejax.sites patterns; dictionary: SAEConfig's own fields.
   c.sae = ml_collections.ConfigDict()
-  c.sae.lm_workdir = "/tmp/lm_dense"
+  c.sae.lm_workdir = "/tmp/sparsejax_lm"  # the quickstart's workdir
   c.sae.lm_config = "experiments/configs/lm_dense.py"
   c.sae.sites = "layer_1/resid_post"
   c.sae.target_sites = config_dict.placeholder(str)  # set for a transcoder

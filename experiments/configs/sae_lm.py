@@ -3,7 +3,7 @@
 Command:
   python -m experiments.train --config=experiments/configs/sae_lm.py --workdir=/tmp/sae_lm
 
-The LM comes from --config.sae.lm_workdir (default /tmp/lm_dense, the quickstart's workdir):
+The LM comes from --config.sae.lm_workdir (default /tmp/sparsejax_lm, the README quickstart's):
 a finished run there is loaded; otherwise experiments/configs/lm_dense.py is trained there
 first (about 3 minutes on a 2-core CPU). Then 2^18 activations of "layer_1/resid_post" are
 harvested and a 2048-latent TopK SAE (k=16, AuxK dead-latent loss) trains on them. Other
@@ -19,7 +19,8 @@ def get_config():
   c = base.get_config()
   c.task = "sae"
   c.sae.sites = "layer_1/resid_post"
-  c.sae.dictionary = {"kind": "topk", "num_latents": 2048, "k": 16}
+  # A latent is dead (and AuxK reconstructs the residual with it) after 2^17 tokens without firing.
+  c.sae.dictionary = {"kind": "topk", "num_latents": 2048, "k": 16, "dead_after_tokens": 2**17}
   c.train.num_steps = 1000
   c.train.batch_size = 1024
   c.train.learning_rate = 1e-3

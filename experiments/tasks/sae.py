@@ -46,6 +46,7 @@ from sparsejax import sites as sites_lib
 from sparsejax.sae import core as sae_core
 from sparsejax.sae import initializers as sae_initializers
 from sparsejax.sae import layers as sae_layers
+from sparsejax.sae import metrics as sae_metrics
 from sparsejax.sae import training as sae_training
 
 HARVEST_WINDOWS = 32  # LM windows per harvesting forward pass
@@ -105,7 +106,7 @@ class SparseAutoencoderTask(Task):
                        "'layer_1/resid_post'")
     if sae.lm_workdir is None:
       raise ValueError("config.sae.lm_workdir is None; give a directory holding (or to hold) the "
-                       "LM run, e.g. /tmp/lm_dense")
+                       "LM run, e.g. /tmp/sparsejax_lm")
     if sae.harvest_tokens < config.train.batch_size:
       raise ValueError(f"config.sae.harvest_tokens={sae.harvest_tokens} is less than one batch "
                        f"(config.train.batch_size={config.train.batch_size})")
@@ -121,7 +122,7 @@ class SparseAutoencoderTask(Task):
     return self.model.apply(variables, batch["inputs"], target_TD=batch.get("targets"), **kwargs)
 
   def loss(self, outputs, batch):
-    fvu = _fvu(outputs, batch.get("targets", batch["inputs"]))
+    fvu = sae_metrics.fvu(outputs, batch.get("targets", batch["inputs"]))
     return fvu, {"fvu": fvu}
 
   def wrap_optimizer(self, tx):
@@ -288,12 +289,6 @@ def _latest_step(workdir: str) -> int | None:
 def _rows(x: np.ndarray) -> np.ndarray:
   """[B, T, ...] site values as float32 [B * T, prod(...)] rows."""
   return np.asarray(x, np.float32).reshape(x.shape[0] * x.shape[1], -1)
-
-
-def _fvu(x_hat_TD: jax.Array, x_TD: jax.Array) -> jax.Array:
-  """sum (x_hat - x)^2 / sum (x - mean_T x)^2."""
-  residual = jnp.sum((x_hat_TD - x_TD) ** 2)
-  return residual / jnp.maximum(jnp.sum((x_TD - x_TD.mean(0)) ** 2), 1e-12)
 
 
 def _moments(y_hat_TD, y_TD, acts_TN) -> dict[str, jax.Array]:

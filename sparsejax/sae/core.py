@@ -8,7 +8,7 @@
   aux = penalties (l1, l0, auxk, matryoshka, orthogonality) and metrics (l0, dead_fraction)
 
 The top-k kinds decode through `sparsejax.ops.gather_decode` (cost O(T k D), not O(T N D)).
-The reconstruction loss itself (FVU, `penalties.fvu`) belongs to the caller. Params are the
+The reconstruction loss itself (FVU, `metrics.fvu`) belongs to the caller. Params are the
 plain dict of `initializers.init_params`; the latent state ("tokens_since_fired", "fire_count",
 "tokens", "batchtopk_threshold") is an explicit dict from `initializers.init_state`. Everything
 is jit-safe; `config` is static.
@@ -23,6 +23,7 @@ import numpy as np
 from sparsejax.auxiliary import Aux
 from sparsejax.ops import gather_decode
 from sparsejax.sae import activations
+from sparsejax.sae import metrics as sae_metrics
 from sparsejax.sae import penalties
 from sparsejax.sae.config import SAEConfig
 from sparsejax.sae.config import TOPK_KINDS
@@ -166,7 +167,7 @@ def sae_apply(params: Params, x_TD: jax.Array, config: SAEConfig, *,
                                                     config)
   prefixes = [m for m in config.matryoshka if m < config.num_latents]
   if prefixes and target_TD is not None:
-    prefix_fvus = [penalties.fvu(_decode_code(params, acts_TN, info, config, x_TD, m), target_TD)
+    prefix_fvus = [sae_metrics.fvu(_decode_code(params, acts_TN, info, config, x_TD, m), target_TD)
                    for m in prefixes]
     losses["matryoshka"] = config.matryoshka_coeff * sum(prefix_fvus)
   if config.orthogonality_coeff > 0:

@@ -41,7 +41,7 @@ def fvu(x_hat_TD: jax.Array, x_TD: jax.Array) -> jax.Array:
   x_TD = x_TD.astype(jnp.float32)
   error = jnp.sum(jnp.square(x_TD - x_hat_TD.astype(jnp.float32)))
   variance = jnp.sum(jnp.square(x_TD - jnp.mean(x_TD, axis=0)))
-  return error / variance
+  return error / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
 
 
 def explained_variance(x_hat_TD: jax.Array, x_TD: jax.Array) -> jax.Array:

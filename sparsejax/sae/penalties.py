@@ -7,14 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sparsejax.sae import metrics
 from sparsejax.sae.initializers import unit_rows
-
-
-def fvu(x_hat_TD: jax.Array, target_TD: jax.Array) -> jax.Array:
-  """Fraction of variance unexplained: sum (x_hat - y)^2 / sum (y - mean_T y)^2."""
-  residual = jnp.sum((x_hat_TD - target_TD) ** 2)
-  variance = jnp.sum((target_TD - jnp.mean(target_TD, axis=0)) ** 2)
-  return residual / jnp.maximum(variance, jnp.finfo(variance.dtype).tiny)
 
 
 def decoder_norm_l1(acts_TN: jax.Array, w_dec_ND: jax.Array) -> jax.Array:
@@ -57,7 +51,7 @@ def auxk_loss(residual_TD: jax.Array, dead_recon_TD: jax.Array) -> jax.Array:
 
   Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (AuxK).
   """
-  return fvu(dead_recon_TD, jax.lax.stop_gradient(residual_TD))
+  return metrics.fvu(dead_recon_TD, jax.lax.stop_gradient(residual_TD))
 
 
 def welch_coherence(d_in: int, num_latents: int) -> float:
