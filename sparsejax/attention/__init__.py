@@ -1,9 +1,18 @@
 """Sparse attention: which keys a query sees.
 
 Importing this package registers its attention layers in `sparsejax.registry.ATTENTIONS`:
-"entmax" (alpha-entmax / sparsemax attention probabilities, `sparsejax.attention.entmax`).
+"entmax" (alpha-entmax / sparsemax attention probabilities, `sparsejax.attention.entmax`) and
+"block_sparse" (a fixed pattern of `sparsejax.attention.patterns` run by the block-sparse
+attention of `kernels.block_sparse_attention`, `sparsejax.attention.block_sparse`). Patterns
+(causal, window, chunked, strided, fixed, global tokens, random blocks, BigBird, per-head MoA
+spans, top-k blocks from pooled scores) compose with `|` and `&`.
 """
+from sparsejax.attention import block_sparse
 from sparsejax.attention import entmax
+from sparsejax.attention import patterns
+from sparsejax.attention.block_sparse import PATTERNS
+from sparsejax.attention.block_sparse import BlockSparseAttention
+from sparsejax.attention.block_sparse import layout_attended_fraction
 from sparsejax.attention.entmax import (
     NORMALIZERS,
     EntmaxAttention,
@@ -12,3 +21,4 @@ from sparsejax.attention.entmax import (
     causal_scores,
     head_alpha,
 )
+from sparsejax.attention.patterns import Pattern
