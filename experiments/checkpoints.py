@@ -119,12 +119,16 @@ class Checkpoints:
     self._manager.reload()
     return target
 
-  def restore_params(self, step: int) -> Any:
-    """The params saved at `step`, as host arrays in their saved structure (no target needed)."""
+  def restore_saved(self, step: int) -> Any:
+    """The state saved at `step`, as host arrays in its saved structure (no target needed)."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
     )
-    return restored.state["params"]
+    return restored.state
+
+  def restore_params(self, step: int) -> Any:
+    """The params saved at `step`, as host arrays in their saved structure."""
+    return self.restore_saved(step)["params"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -10,9 +10,13 @@ import pytest
 
 from experiments import checkpoints as ckpt_lib
 from experiments import data as data_lib
+from experiments import export_sae
+from experiments import tasks
 from experiments import trainer as trainer_lib
 from experiments.run_config import ConfigError
 from sparsejax import models
+from sparsejax.sae import core
+from sparsejax.sae import export
 from tests.experiments.test_trainer import run
 from tests.experiments.test_trainer import tiny_config
 
@@ -100,3 +104,18 @@ def test_unusable_sae_settings_are_one_line_errors(stdlib_data_dir, lm_workdir, 
     trainer_lib.Trainer(sae_config(stdlib_data_dir, lm_workdir, **change), str(tmp_path),
                         jax.devices()[:1])
   assert "\n" not in str(error.value)
+
+
+def test_export_writes_a_saelens_sae_that_takes_raw_activations(stdlib_data_dir, lm_workdir,
+                                                                tmp_path):
+  config = sae_config(stdlib_data_dir, lm_workdir)
+  _, params = run(config, tmp_path / "sae")
+  assert export_sae.main(["--workdir", str(tmp_path / "sae"), "--out", str(tmp_path / "out")]) == 0
+  loaded, cfg = export.load_saelens(str(tmp_path / "out"))
+  assert cfg["architecture"] == "topk" and cfg["k"] == 4
+  task = tasks.build_task(config)
+  scaled_TD = task.train_source.inputs[:32]
+  trained, *_ = core.sae_apply(params, scaled_TD, task.sae_config)
+  exported, *_ = core.sae_apply(loaded, scaled_TD / task.input_scale,
+                                export.config_from_saelens(cfg))
+  np.testing.assert_allclose(exported, trained / task.input_scale, rtol=1e-4, atol=1e-5)
