@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.bench import timing
 from sparsejax.ops import gather_decode, topk_encode

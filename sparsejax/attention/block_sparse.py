@@ -17,7 +17,7 @@ import numpy as np
 from kernels.block_sparse_attention import block_sparse_attention, build_attention_schedule
 from sparsejax.attention import patterns as patterns_lib
 from sparsejax.auxiliary import Aux
-from sparsejax.models.layers import POSITIONS, apply_rope, logical_param
+from sparsejax.models.layers import check_attention_fields, project_out, project_qkv
 from sparsejax.registry import ATTENTIONS
 from sparsejax.sites import Site
 
@@ -86,52 +86,23 @@ class BlockSparseAttention(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     del deterministic  # No dropout.
     self._check_fields()
-    seq_len, head_dim = x_BTD.shape[1], self.d_model // self.num_heads
+    seq_len = x_BTD.shape[1]
     layout = patterns_lib.block_layout(patterns_lib.causal() & PATTERNS[self.pattern](self),
                                        seq_len, self.block)
     tile_HRC = np.broadcast_to(layout.tile, (self.num_heads,) + layout.tile.shape[-2:])
     schedule = build_attention_schedule(tile_HRC, layout.tiles, seq_len)
-    x_BTD = x_BTD.astype(self.dtype)
-    q_BTHK, k_BTHK, v_BTHK = (
-        self._project_in(name, x_BTD, head_dim) for name in ("wq", "wk", "wv"))
-    if self.positions == "rope":
-      positions_1T = jnp.arange(seq_len)[None, :]
-      q_BTHK = apply_rope(q_BTHK, positions_1T, self.rope_max_wavelength)
-      k_BTHK = apply_rope(k_BTHK, positions_1T, self.rope_max_wavelength)
+    q_BTHK, k_BTHK, v_BTHK = project_qkv(self, x_BTD)
     o_BHTK = block_sparse_attention(*(x.swapaxes(1, 2) for x in (q_BTHK, k_BTHK, v_BTHK)),
                                     schedule, implementation=self.implementation)
     o_BTHK = Site(name="heads")(o_BHTK.swapaxes(1, 2))
-    w_HKD = logical_param(
-        self,
-        "wo",
-        nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
-        (self.num_heads, head_dim, self.d_model),
-        ("heads", "kv", "embed"),
-        self.dtype,
-    )
     fraction = layout_attended_fraction(layout, seq_len)
     metrics = {"attended_fraction": jnp.asarray(fraction, jnp.float32)}
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, w_HKD), {"losses": {}, "metrics": metrics}
+    return project_out(self, o_BTHK), {"losses": {}, "metrics": metrics}
 
   def _check_fields(self) -> None:
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
-    if self.positions not in POSITIONS:
-      raise ValueError(f"positions={self.positions!r}; allowed: {', '.join(POSITIONS)}")
+    check_attention_fields(self.d_model, self.num_heads, self.positions)
     if self.pattern not in PATTERNS:
       raise ValueError(f"pattern={self.pattern!r}; allowed: {', '.join(PATTERNS)}")
     if self.pattern == "spans" and len(self.spans) != self.num_heads:
       raise ValueError(f"spans={tuple(self.spans)} must hold one span per head "
                        f"(num_heads={self.num_heads})")
-
-  def _project_in(self, name: str, x_BTD: jax.Array, head_dim: int) -> jax.Array:
-    """x W for a (D, H, K) projection param `name`."""
-    w_DHK = logical_param(
-        self,
-        name,
-        nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-        (self.d_model, self.num_heads, head_dim),
-        ("embed", "heads", "kv"),
-        self.dtype,
-    )
-    return jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.auxiliary import Aux
-from sparsejax.models.layers import POSITIONS, apply_rope, logical_param
+from sparsejax.models.layers import check_attention_fields, logical_param, project_out, project_qkv
 from sparsejax.ops.entmax import DEFAULT_BISECT_ITERS, entmax_bisect, sparsemax
 from sparsejax.registry import ATTENTIONS
 from sparsejax.sites import Site
@@ -109,41 +109,20 @@ class EntmaxAttention(nn.Module):
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     del deterministic  # No dropout.
     self._check_fields()
-    head_dim = self.d_model // self.num_heads
-    x_BTD = x_BTD.astype(self.dtype)
-    q_BTHK, k_BTHK, v_BTHK = (
-        self._project_in(name, x_BTD, head_dim) for name in ("wq", "wk", "wv")
-    )
-    if self.positions == "rope":
-      positions_1T = jnp.arange(x_BTD.shape[1])[None, :]
-      q_BTHK = apply_rope(q_BTHK, positions_1T, self.rope_max_wavelength)
-      k_BTHK = apply_rope(k_BTHK, positions_1T, self.rope_max_wavelength)
+    q_BTHK, k_BTHK, v_BTHK = project_qkv(self, x_BTD)
     alpha_H = self._alpha()
     probs_BHTS = attention_probs(
         causal_scores(q_BTHK, k_BTHK), self.normalizer, alpha_H, self.n_iter
     )
     o_BTHK = Site(name="heads")(jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK))
-    w_HKD = logical_param(
-        self,
-        "wo",
-        nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
-        (self.num_heads, head_dim, self.d_model),
-        ("heads", "kv", "embed"),
-        self.dtype,
-    )
     metrics = {
         "attended_fraction": attended_fraction(probs_BHTS),
         "alpha": alpha_H.astype(jnp.float32),
     }
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, w_HKD), {"losses": {}, "metrics": metrics}
+    return project_out(self, o_BTHK), {"losses": {}, "metrics": metrics}
 
   def _check_fields(self) -> None:
-    if self.d_model % self.num_heads:
-      raise ValueError(
-          f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
-      )
-    if self.positions not in POSITIONS:
-      raise ValueError(f"positions={self.positions!r}; allowed: {', '.join(POSITIONS)}")
+    check_attention_fields(self.d_model, self.num_heads, self.positions)
     if self.normalizer not in NORMALIZERS:
       raise ValueError(f"normalizer={self.normalizer!r}; allowed: {', '.join(NORMALIZERS)}")
 
@@ -155,15 +134,3 @@ class EntmaxAttention(nn.Module):
       )
       return head_alpha(logit_H)
     return jnp.full((self.num_heads,), 2.0 if self.normalizer == "sparsemax" else 1.0)
-
-  def _project_in(self, name: str, x_BTD: jax.Array, head_dim: int) -> jax.Array:
-    """x W for a (D, H, K) projection param `name`."""
-    w_DHK = logical_param(
-        self,
-        name,
-        nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-        (self.d_model, self.num_heads, head_dim),
-        ("embed", "heads", "kv"),
-        self.dtype,
-    )
-    return jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK)

@@ -87,44 +87,47 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     del deterministic  # No dropout.
-    if self.d_model % self.num_heads:
-      raise ValueError(
-          f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
-      )
-    if self.positions not in POSITIONS:
-      raise ValueError(f"positions={self.positions!r}; allowed: {', '.join(POSITIONS)}")
-    head_dim = self.d_model // self.num_heads
-    x_BTD = x_BTD.astype(self.dtype)
-    q_BTHK, k_BTHK, v_BTHK = (
-        self._project_in(name, x_BTD, head_dim) for name in ("wq", "wk", "wv")
-    )
-    if self.positions == "rope":
-      positions_1T = jnp.arange(x_BTD.shape[1])[None, :]
-      q_BTHK = apply_rope(q_BTHK, positions_1T, self.rope_max_wavelength)
-      k_BTHK = apply_rope(k_BTHK, positions_1T, self.rope_max_wavelength)
+    check_attention_fields(self.d_model, self.num_heads, self.positions)
+    q_BTHK, k_BTHK, v_BTHK = project_qkv(self, x_BTD)
     o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
-    o_BTHK = Site(name="heads")(o_BTHK)
-    w_HKD = logical_param(
-        self,
-        "wo",
-        nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
-        (self.num_heads, head_dim, self.d_model),
-        ("heads", "kv", "embed"),
-        self.dtype,
-    )
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, w_HKD), empty_aux()
+    return project_out(self, Site(name="heads")(o_BTHK)), empty_aux()
 
-  def _project_in(self, name: str, x_BTD: jax.Array, head_dim: int) -> jax.Array:
-    """x W for a (D, H, K) projection param `name`."""
-    w_DHK = logical_param(
-        self,
-        name,
-        nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-        (self.d_model, self.num_heads, head_dim),
-        ("embed", "heads", "kv"),
-        self.dtype,
-    )
-    return jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK)
+
+def check_attention_fields(d_model: int, num_heads: int, positions: str) -> None:
+  """One-line ValueErrors for the attention contract fields every attention layer checks."""
+  if d_model % num_heads:
+    raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+  if positions not in POSITIONS:
+    raise ValueError(f"positions={positions!r}; allowed: {', '.join(POSITIONS)}")
+
+
+def project_qkv(module: nn.Module, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k, v = x W_q, x W_k, x W_v for an attention `module` (fields d_model, num_heads,
+  positions, dtype, rope_max_wavelength), params "wq", "wk", "wv": D x H x K with K = D / H,
+  annotated ("embed", "heads", "kv"); RoPE on q and k when positions == "rope". Call it from the
+  module's compact `__call__`."""
+  head_dim = module.d_model // module.num_heads
+  x_BTD = x_BTD.astype(module.dtype)
+  q_BTHK, k_BTHK, v_BTHK = (
+      jnp.einsum("btd,dhk->bthk", x_BTD, logical_param(
+          module, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+          (module.d_model, module.num_heads, head_dim), ("embed", "heads", "kv"), module.dtype))
+      for name in ("wq", "wk", "wv"))
+  if module.positions == "rope":
+    positions_1T = jnp.arange(x_BTD.shape[1])[None, :]
+    q_BTHK = apply_rope(q_BTHK, positions_1T, module.rope_max_wavelength)
+    k_BTHK = apply_rope(k_BTHK, positions_1T, module.rope_max_wavelength)
+  return q_BTHK, k_BTHK, v_BTHK
+
+
+def project_out(module: nn.Module, o_BTHK: jax.Array) -> jax.Array:
+  """y = concat_h(o_h) W_o for an attention `module`, param "wo": H x K x D annotated
+  ("heads", "kv", "embed")."""
+  head_dim = module.d_model // module.num_heads
+  w_HKD = logical_param(
+      module, "wo", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
+      (module.num_heads, head_dim, module.d_model), ("heads", "kv", "embed"), module.dtype)
+  return jnp.einsum("bthk,hkd->btd", o_BTHK, w_HKD)
 
 
 @FFNS.register("dense")
