@@ -29,7 +29,6 @@ def export_run(workdir: str, out: str) -> dict:
     config = ml_collections.ConfigDict(json.load(f))
   if config.task != "sae":
     raise ValueError(f"{workdir} holds a {config.task!r} run; only 'sae' runs export")
-  task = tasks.build_task(config)
   source = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     step = source.latest_step()
@@ -38,13 +37,17 @@ def export_run(workdir: str, out: str) -> dict:
     saved = source.restore_saved(step)
   finally:
     source.close()
+  task = tasks.build_task(config)
   params, sae_config = saved["params"], task.sae_config
   if sae_config.kind == "batchtopk":
     params, sae_config = core.batchtopk_to_jumprelu(
         params, saved["model_state"][layers.STATS], sae_config)
   params = export.fold_input_scale(params, task.input_scale, target_scale=task.target_scale)
-  cfg = export.saelens_config(sae_config, hook_name=",".join(task.input_sites),
-                              lm_workdir=os.path.abspath(config.sae.lm_workdir), step=step)
+  sites = {"hook_name": ",".join(task.input_sites)}  # a layer group lists all its sites
+  if task.target_sites:
+    sites["hook_name_out"] = ",".join(task.target_sites)
+  cfg = export.saelens_config(sae_config, **sites, step=step,
+                              lm_workdir=os.path.abspath(config.sae.lm_workdir))
   export.save_saelens(out, params, cfg)
   return cfg
 

@@ -7,8 +7,10 @@ The LM comes from --config.sae.lm_workdir (default /tmp/sparsejax_lm, the README
 a finished run there is loaded; otherwise experiments/configs/lm_dense.py is trained there
 first (about 3 minutes on a 2-core CPU). Then 2^18 activations of "layer_1/resid_post" are
 harvested and a 2048-latent TopK SAE (k=16, AuxK dead-latent loss) trains on them. Other
-architectures: --config.sae.dictionary.kind=relu|batchtopk|jumprelu|threshold; a transcoder of
-block 1's FFN: --config.sae.sites=layer_1/ffn/in --config.sae.target_sites=layer_1/ffn/out.
+architectures: --config.sae.dictionary.kind=batchtopk; kind=relu with
+--config.sae.dictionary.l1_coeff=0.03; kind=jumprelu with l0_coeff=0.01, bandwidth=0.05,
+init_threshold=1.0 (the settings of experiments/claims/sae_lm.py); a transcoder of block 1's
+FFN: --config.sae.sites=layer_1/ffn/in --config.sae.target_sites=layer_1/ffn/out.
 
 Expected on a 2-core CPU: after the LM, about 20 s of harvesting and 2 min of SAE training
 (9-16 steps/s on the shared machine), ending at eval/fvu 0.049, eval/l0 16, eval/dead_fraction

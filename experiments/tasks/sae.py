@@ -51,6 +51,8 @@ from sparsejax.sae import training as sae_training
 
 HARVEST_WINDOWS = 32  # LM windows per harvesting forward pass
 INIT_SAMPLE = 4096  # training rows the data-dependent init looks at
+# The setting that makes each non-top-k kind sparse (their SAEConfig defaults are 0).
+PENALTIES = {"relu": "l1_coeff", "jumprelu": "l0_coeff", "threshold": "threshold"}
 INITS = {"tied": sae_initializers.init_params,
          "active_subspace": sae_initializers.init_active_subspace}
 
@@ -66,9 +68,8 @@ class SparseAutoencoderTask(Task):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     sae = config.sae
-    self.lm_config, lm_params = load_lm(sae.lm_workdir, sae.lm_config)
+    self.lm_config, self.lm_variables = load_lm(sae.lm_workdir, sae.lm_config)
     self.lm = models.build_lm(self.lm_config.model, vocab_size=data_lib.VOCAB_SIZE)
-    self.lm_variables = {"params": lm_params}
     data = self.lm_config.data
     load = lambda split: data_lib.load_windows(data.name, split, self.lm_config.train.seq_len,
                                                data_dir=data.data_dir, text_key=data.text_key)
@@ -92,11 +93,12 @@ class SparseAutoencoderTask(Task):
                         f" of the LM in {sae.lm_workdir}; eval {eval_windows.summary()}")
 
   def _initializer(self, source: activations_lib.ArrayActivations):
-    """Params from the first `INIT_SAMPLE` training rows: geometric-median b_dec, and with
-    `sae.init="active_subspace"` decoder atoms inside the data's principal subspace."""
-    targets = None if source.targets is None else source.targets[:INIT_SAMPLE]
+    """Params from `INIT_SAMPLE` seeded training rows (of every site): geometric-median b_dec,
+    and with `sae.init="active_subspace"` decoder atoms inside the data's principal subspace."""
+    rows = np.random.default_rng(self.config.seed).permutation(len(source))[:INIT_SAMPLE]
+    targets = None if source.targets is None else source.targets[np.sort(rows)]
     return functools.partial(INITS[self.config.sae.init], config=self.sae_config,
-                             data_TD=source.inputs[:INIT_SAMPLE], target_TD=targets)
+                             data_TD=source.inputs[np.sort(rows)], target_TD=targets)
 
   @classmethod
   def check_config(cls, config):
@@ -112,6 +114,11 @@ class SparseAutoencoderTask(Task):
                        f"(config.train.batch_size={config.train.batch_size})")
     if sae.init not in INITS:
       raise ValueError(f"config.sae.init={sae.init!r}; allowed: {', '.join(INITS)}")
+    kind = sae.dictionary.get("kind", "topk")
+    penalty = PENALTIES.get(kind)
+    if penalty and not sae.dictionary.get(penalty, 0) > 0:
+      raise ValueError(f"config.sae.dictionary.kind={kind!r} needs {penalty} > 0 (its "
+                       f"sparsity), e.g. --config.sae.dictionary.{penalty}=0.01")
     if "d_in" in sae.dictionary or "d_out" in sae.dictionary:
       raise ValueError("config.sae.dictionary may not set d_in / d_out: the sites' widths set them")
 
@@ -137,24 +144,29 @@ class SparseAutoencoderTask(Task):
     return 1.0
 
   def eval_step(self, variables, batch):
-    """Sums over LM windows: reconstruction moments, L0 and firing counts, and NLL / KL sums of
-    the clean, SAE-spliced and zero-ablated LM."""
-    tokens = batch["inputs"]
+    """Sums over LM windows: reconstruction moments, L0 and firing counts (PAD positions left
+    out), and NLL / KL sums of the clean, SAE-spliced and zero-ablated LM."""
+    tokens, weights_T = batch["inputs"], batch["weights"].reshape(-1)
     (clean_logits, _), captured = sites_lib.collect(
         self.lm, self.lm_variables, tokens, sites=self._all_sites(), deterministic=True)
     state = variables.get(sae_layers.STATS)
-    reconstructions, moments = {}, []
+    predict = lambda x_TD: sae_core.sae_apply(variables["params"], x_TD * self.input_scale,
+                                              self.sae_config, state=state)[:2]
+    moments, transcoded = [], {}
     for source, target in self._site_pairs():
-      x_BT_ = captured[source]
-      y_BT_ = captured[target] if target else x_BT_
-      x_TD = x_BT_.reshape(-1, self.sae_config.d_in) * self.input_scale
-      y_TD = y_BT_.reshape(-1, y_BT_.size // x_TD.shape[0]) * self.target_scale
-      y_hat_TD, acts_TN, _, _ = sae_core.sae_apply(variables["params"], x_TD, self.sae_config,
-                                                   state=state, training=False)
-      reconstructions[target or source] = (y_hat_TD / self.target_scale).reshape(y_BT_.shape)
-      moments.append(_moments(y_hat_TD, y_TD, acts_TN))
-    spliced = {path: (lambda _, value=value: value) for path, value in reconstructions.items()}
-    zeroed = {path: jnp.zeros_like for path in reconstructions}
+      y_BT_ = captured[target or source]
+      y_hat_TD, acts_TN = predict(_rows_of(captured[source], self.sae_config.d_in))
+      moments.append(_moments(y_hat_TD, _rows_of(y_BT_) * self.target_scale, acts_TN, weights_T))
+      if target:
+        transcoded[target] = (y_hat_TD / self.target_scale).reshape(y_BT_.shape).astype(y_BT_.dtype)
+
+    def reconstruct(x_BT_):  # the SAE on what arrives at the site, so spliced errors compound
+      y_hat_TD = predict(_rows_of(x_BT_, self.sae_config.d_in))[0] / self.target_scale
+      return y_hat_TD.reshape(x_BT_.shape).astype(x_BT_.dtype)
+
+    spliced = ({path: (lambda _, value=value: value) for path, value in transcoded.items()}
+               if transcoded else {path: reconstruct for path in self.input_sites})
+    zeroed = {path: jnp.zeros_like for path in spliced}
     nll = lambda logits: weighted_cross_entropy(logits, batch["targets"], batch["weights"])
     run = lambda fns: sites_lib.splice(self.lm, self.lm_variables, tokens, fns=fns,
                                        deterministic=True)[0]
@@ -209,8 +221,9 @@ class SparseAutoencoderTask(Task):
       activations_lib.write_activations(path + ".inputs.array_record", [inputs])
       if targets is not None:
         activations_lib.write_activations(path + ".targets.array_record", [targets])
-      with open(path + ".json", "w") as f:
+      with open(path + ".json.tmp", "w") as f:  # the marker appears only once all is written
         json.dump(self._cache_fields(), f, indent=1)
+      os.replace(path + ".json.tmp", path + ".json")
       print(f"cached {len(inputs):,} activations in {path}.*", flush=True)
       return inputs, targets
     read = lambda kind: activations_lib.ActivationDataset(f"{path}.{kind}.array_record").array()
@@ -219,7 +232,10 @@ class SparseAutoencoderTask(Task):
 
   def _cache_fields(self) -> dict:
     sae = self.config.sae
-    return {"lm_workdir": os.path.abspath(sae.lm_workdir), "lm_steps": self.lm_config.train.num_steps,
+    steps = self.lm_config.train.num_steps
+    checkpoint = os.path.join(sae.lm_workdir, "checkpoints", str(steps))
+    return {"lm_workdir": os.path.abspath(sae.lm_workdir), "lm_steps": steps,
+            "lm_checkpoint_mtime": os.path.getmtime(checkpoint),
             "sites": self.input_sites, "target_sites": self.target_sites,
             "harvest_tokens": sae.harvest_tokens, "seed": self.config.seed}
 
@@ -235,22 +251,24 @@ class SparseAutoencoderTask(Task):
     order = np.random.default_rng(self.config.seed).permutation(len(windows))[:num_windows]
     collect = jax.jit(lambda tokens: sites_lib.collect(
         self.lm, self.lm_variables, tokens, sites=self._all_sites(), deterministic=True)[1])
-    inputs, targets = [], []
+    pairs = self._site_pairs()
+    inputs, targets = [[] for _ in pairs], [[] for _ in pairs]
     for start in range(0, num_windows, HARVEST_WINDOWS):
       tokens = np.stack([windows[int(i)]["inputs"] for i in order[start:start + HARVEST_WINDOWS]])
       captured = jax.device_get(collect(tokens))
-      for source, target in self._site_pairs():
-        inputs.append(_rows(captured[source]))
+      for site, (source, target) in enumerate(pairs):
+        inputs[site].append(_rows(captured[source]))
         if target:
-          targets.append(_rows(captured[target]))
-    inputs = np.concatenate(inputs)[:sae.harvest_tokens]
-    targets = np.concatenate(targets)[:sae.harvest_tokens] if targets else None
-    return inputs, targets
+          targets[site].append(_rows(captured[target]))
+    per_site_rows = sae.harvest_tokens // per_site  # every site of a layer group alike
+    join = lambda rows: np.concatenate([np.concatenate(r)[:per_site_rows] for r in rows])
+    return join(inputs), (join(targets) if self.target_sites else None)
 
 
 def load_lm(lm_workdir: str, lm_config_file: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, params) of the finished LM run in `lm_workdir`, training it there first when it is
-  missing or unfinished (from its own config.json, else `lm_config_file`)."""
+  """(config, variables) of the finished LM run in `lm_workdir` (params and layer state such as
+  router biases), training it there first when it is missing or unfinished (from its own
+  config.json, else `lm_config_file`)."""
   saved = os.path.join(lm_workdir, run_config.CONFIG_FILE)
   if os.path.exists(saved):
     with open(saved) as f:
@@ -260,6 +278,10 @@ def load_lm(lm_workdir: str, lm_config_file: str) -> tuple[ml_collections.Config
   if lm_config.task != "lm":
     raise ValueError(f"config.sae.lm_workdir={lm_workdir!r} holds a {lm_config.task!r} run, "
                      f"not an 'lm' one")
+  if lm_config.sparsity.enabled:
+    raise ValueError(f"config.sae.lm_workdir={lm_workdir!r} holds a sparse-trained LM; its "
+                     f"checkpoint keeps the mask apart from the weights, which the sae task does "
+                     f"not apply yet: use a dense LM")
   if _latest_step(lm_workdir) != lm_config.train.num_steps:
     if jax.process_count() > 1:
       raise ValueError(f"config.sae.lm_workdir={lm_workdir!r} holds no finished LM run; train "
@@ -271,9 +293,10 @@ def load_lm(lm_workdir: str, lm_config_file: str) -> tuple[ml_collections.Config
     trainer.train(lm_config, lm_workdir)
   source = ckpt_lib.Checkpoints(lm_workdir, read_only=True)
   try:
-    return lm_config, source.restore_params(source.latest_step())
+    saved_state = source.restore_saved(source.latest_step())
   finally:
     source.close()
+  return lm_config, {"params": saved_state["params"], **saved_state["model_state"]}
 
 
 def _latest_step(workdir: str) -> int | None:
@@ -291,11 +314,18 @@ def _rows(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, np.float32).reshape(x.shape[0] * x.shape[1], -1)
 
 
-def _moments(y_hat_TD, y_TD, acts_TN) -> dict[str, jax.Array]:
-  """Sums that add up over batches into FVU, L0 and per-latent firing counts."""
-  return {"sse": jnp.sum((y_hat_TD - y_TD) ** 2), "sum": jnp.sum(y_TD, 0),
-          "sum_sq": jnp.sum(y_TD**2, 0), "tokens": jnp.float32(y_TD.shape[0]),
-          "active": jnp.sum(acts_TN != 0), "fired_N": jnp.sum(acts_TN != 0, 0)}
+def _rows_of(x_BT_: jax.Array, width: int | None = None) -> jax.Array:
+  """[B, T, ...] site values as [B * T, prod(...)] rows (of `width` when given)."""
+  return x_BT_.reshape(x_BT_.shape[0] * x_BT_.shape[1], -1 if width is None else width)
+
+
+def _moments(y_hat_TD, y_TD, acts_TN, weights_T) -> dict[str, jax.Array]:
+  """Weighted sums that add up over batches into FVU, L0 and per-latent firing counts."""
+  w_T1 = weights_T[:, None]
+  fired_TN = (acts_TN != 0) * w_T1
+  return {"sse": jnp.sum((y_hat_TD - y_TD) ** 2 * w_T1), "sum": jnp.sum(y_TD * w_T1, 0),
+          "sum_sq": jnp.sum(y_TD**2 * w_T1, 0), "tokens": jnp.sum(weights_T),
+          "active": jnp.sum(fired_TN), "fired_N": jnp.sum(fired_TN, 0)}
 
 
 def _kl(p_logits, q_logits) -> jax.Array:

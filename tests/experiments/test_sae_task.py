@@ -87,7 +87,7 @@ def test_transcoder_reads_the_ffn_input_and_predicts_its_output(stdlib_data_dir,
                                                                 tmp_path):
   config = sae_config(stdlib_data_dir, lm_workdir, sites="layer_0/ffn/in",
                       target_sites="layer_0/ffn/out")
-  config.sae.dictionary.update(kind="relu", skip=True)
+  config.sae.dictionary.update(kind="relu", skip=True, l1_coeff=0.01)
   _, params = run(config, tmp_path / "transcoder")
   assert params["W_skip"].shape == (32, 32)
   assert np.isfinite(records(tmp_path / "transcoder")[-1]["eval/fvu"])
@@ -97,6 +97,7 @@ def test_transcoder_reads_the_ffn_input_and_predicts_its_output(stdlib_data_dir,
     ({"sites": "layer_9/resid_post"}, "layer_9/resid_post"),
     ({"target_sites": "layer_*/ffn/out"}, "one target per input site"),
     ({"harvest_tokens": 10}, "harvest_tokens=10"),
+    ({"dictionary": {"kind": "jumprelu", "num_latents": 64}}, "needs l0_coeff > 0"),
 ])
 def test_unusable_sae_settings_are_one_line_errors(stdlib_data_dir, lm_workdir, tmp_path,
                                                    change, message):
