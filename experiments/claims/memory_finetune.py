@@ -25,9 +25,7 @@ learning (facts ~2.2 bpb) sparse memory finetuning forgot +0.39 validation bpb a
 Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning"; Hu et al. 2021, "LoRA".
 """
 import argparse
-import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -38,11 +36,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import claims
 from experiments import data as data_lib
 from sparsejax.memory import finetune
 from sparsejax.models import build_lm
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 SEQ_LEN = 64
 BATCH = 16
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -243,7 +241,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--pretrain_steps", type=int, default=600)
   parser.add_argument("--finetune_steps", type=int, default=100)
-  parser.add_argument("--out", default=RESULTS_DIR)
+  parser.add_argument("--out", default=claims.RESULTS_DIR)
   args = parser.parse_args()
   clock = time.perf_counter()
   model = build_lm(model_config(), vocab_size=data_lib.VOCAB_SIZE)
@@ -287,12 +285,8 @@ def main():
       "before": before, "slots": slot_info, "rows": rows,
       "wall_s": time.perf_counter() - clock,
   }
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "memory_finetune.json"), "w") as f:
-    json.dump(result, f, indent=1, default=float)
   table = markdown(rows, before)
-  with open(os.path.join(args.out, "memory_finetune.md"), "w") as f:
-    f.write(table)
+  claims.write_results(args.out, "memory_finetune", result, table, default=float)
   print(table)
   print(f"wall {result['wall_s']:.0f} s")
 

@@ -1,4 +1,4 @@
-"""SAE architectures on the default LM's middle residual stream: FVU, L0, dead latents, CE recovered.
+"""SAE architectures on the default LM's middle residual stream: FVU, L0, dead latents, CE.
 
   python -m experiments.claims.sae_lm [--steps N] [--lm-workdir DIR] [--out DIR]
 
@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 
+from experiments import claims
 from experiments import trainer
 from experiments.configs import sae_lm
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 # (row name, sae.dictionary): every row has 2048 latents; top-k rows keep k = 16 per token; the
 # JumpReLU and ReLU coefficients were chosen in 400-step probes to land near L0 = 16 (JumpReLU's
 # log-threshold moves about lr per step under Adam, so it starts near its final scale).
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                                    description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=None, help="SAE steps (default: the config's)")
   parser.add_argument("--lm-workdir", default="/tmp/sparsejax_lm")
-  parser.add_argument("--out", default=RESULTS_DIR)
+  parser.add_argument("--out", default=claims.RESULTS_DIR)
   args = parser.parse_args(argv)
   rows = []
   with tempfile.TemporaryDirectory() as scratch:
@@ -76,11 +76,7 @@ def main(argv=None) -> None:
                                  os.path.join(scratch, "cache"), workdir)
       rows.append({"name": name, "dictionary": dictionary, **metrics})
       print(json.dumps(rows[-1]), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "sae_lm.json"), "w") as f:
-    json.dump(rows, f, indent=1)
-  with open(os.path.join(args.out, "sae_lm.md"), "w") as f:
-    f.write(table(rows) + "\n")
+  claims.write_results(args.out, "sae_lm", rows, table(rows) + "\n")
   print(table(rows))
 
 

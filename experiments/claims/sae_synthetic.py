@@ -21,22 +21,19 @@ seconds.
 """
 import argparse
 import dataclasses
-import json
-import os
 import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from experiments import claims
 from sparsejax.sae import core
 from sparsejax.sae import metrics
 from sparsejax.sae import training
 from sparsejax.sae.config import SAEConfig
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 RECOVERY_COSINE = 0.9
 RECOVERY_TARGET = 0.9
 
@@ -209,19 +206,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m experiments.claims.sae_synthetic",
                                    description=__doc__.split("\n", 1)[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-  parser.add_argument("--out", default=RESULTS_DIR)
+  parser.add_argument("--out", default=claims.RESULTS_DIR)
   args = parser.parse_args(argv)
   setup = QUICK if args.quick else FULL
   clock = time.perf_counter()
   rows, selected = run(setup)
   table = markdown_table(selected)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "sae_synthetic.json"), "w") as f:
-    json.dump({"setup": dataclasses.asdict(setup), "runs": rows, "selected": selected,
-               "claims": claim_checks(selected),
-               "wall_s": round(time.perf_counter() - clock, 1)}, f, indent=1)
-  with open(os.path.join(args.out, "sae_synthetic.md"), "w") as f:
-    f.write(table + "\n")
+  claims.write_results(args.out, "sae_synthetic", {
+      "setup": dataclasses.asdict(setup), "runs": rows, "selected": selected,
+      "claims": claim_checks(selected), "wall_s": round(time.perf_counter() - clock, 1)},
+      table + "\n")
   print(table)
   print(f"total {time.perf_counter() - clock:.1f} s")
 

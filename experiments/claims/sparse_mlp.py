@@ -15,8 +15,6 @@ but the steps run as one `lax.scan` and the seeds of a (method, sparsity) as one
 the 27 runs take well under a minute on a 2-core CPU instead of minutes through the Python loop.
 """
 import argparse
-import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import claims
 from experiments import optim
 from experiments import tasks
 from experiments import trainer
@@ -36,7 +35,6 @@ from sparsejax import masks
 
 SPARSITIES = (0.9, 0.98)
 SEEDS = (0, 1, 2)
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, num_features: int):
@@ -177,18 +175,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__.split("\n", 1)[0])
   parser.add_argument("--steps", type=int, default=None, help="training steps (config default)")
   parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-  parser.add_argument("--out", default=RESULTS_DIR)
+  parser.add_argument("--out", default=claims.RESULTS_DIR)
   args = parser.parse_args(argv)
   clock = time.perf_counter()
   rows, summary = run([int(s) for s in args.seeds.split(",")], args.steps)
   table = markdown_table(summary)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "sparse_mlp.json"), "w") as f:
-    json.dump({"runs": rows, "summary": summary,
-               "num_steps": args.steps or sparse_mlp.NUM_STEPS,
-               "wall_s": round(time.perf_counter() - clock, 1)}, f, indent=1)
-  with open(os.path.join(args.out, "sparse_mlp.md"), "w") as f:
-    f.write(table + "\n")
+  claims.write_results(args.out, "sparse_mlp", {
+      "runs": rows, "summary": summary, "num_steps": args.steps or sparse_mlp.NUM_STEPS,
+      "wall_s": round(time.perf_counter() - clock, 1)}, table + "\n")
   print(table)
   print(f"total {time.perf_counter() - clock:.1f} s")
 

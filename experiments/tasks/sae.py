@@ -257,9 +257,9 @@ class SparseAutoencoderTask(Task):
       tokens = np.stack([windows[int(i)]["inputs"] for i in order[start:start + HARVEST_WINDOWS]])
       captured = jax.device_get(collect(tokens))
       for site, (source, target) in enumerate(pairs):
-        inputs[site].append(_rows(captured[source]))
+        inputs[site].append(np.asarray(_rows_of(captured[source]), np.float32))
         if target:
-          targets[site].append(_rows(captured[target]))
+          targets[site].append(np.asarray(_rows_of(captured[target]), np.float32))
     per_site_rows = sae.harvest_tokens // per_site  # every site of a layer group alike
     join = lambda rows: np.concatenate([np.concatenate(r)[:per_site_rows] for r in rows])
     return join(inputs), (join(targets) if self.target_sites else None)
@@ -307,11 +307,6 @@ def _latest_step(workdir: str) -> int | None:
     return source.latest_step()
   finally:
     source.close()
-
-
-def _rows(x: np.ndarray) -> np.ndarray:
-  """[B, T, ...] site values as float32 [B * T, prod(...)] rows."""
-  return np.asarray(x, np.float32).reshape(x.shape[0] * x.shape[1], -1)
 
 
 def _rows_of(x_BT_: jax.Array, width: int | None = None) -> jax.Array:
