@@ -1,0 +1,4 @@
+"""Activation sparsity: neuron statistics, top-k / predicted sparse FFNs, probes, patching.
+
+Importing the package registers its layers (FFNs, attentions) in `sparsejax.registry`.
+"""
