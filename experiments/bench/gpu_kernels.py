@@ -1,4 +1,5 @@
-"""GPU kernels, bf16: TFLOP/s of gmm vs jax.lax.ragged_dot and of block-sparse vs dense matmul.
+"""GPU kernels, bf16: TFLOP/s of gmm vs jax.lax.ragged_dot, of block-sparse vs dense matmul and
+of block-sparse vs dense causal attention.
 
 On a GPU:
 
@@ -8,15 +9,22 @@ checks every Pallas (Triton) kernel's output and gradients against its baseline,
 forward pass and forward + backward of: the dense matmul M = K = N = 8192; the block-sparse
 matmul of the same shape with 128 x 128 blocks at 10 / 25 / 50 / 100 % block density (uniformly
 random masks); gmm at a fine-grained MoE shape, M = 16384 rows in G = 64 groups of random
-(Dirichlet) sizes, K = 2048, N = 1408; and `jax.lax.ragged_dot` at that shape. TFLOP/s count the
-useful FLOPs only (2 M K N for dense, 2 M Z bk bn for block-sparse, 2 M K N for gmm; three times
-that forward + backward).
+(Dirichlet) sizes, K = 2048, N = 1408; `jax.lax.ragged_dot` at that shape; dense causal
+attention, B = 1, L = 8192, 8 heads of 64, by `jax.nn.dot_product_attention(is_causal=True,
+implementation="cudnn")` (XLA's under --tiny); and block-sparse attention (Pallas, fwd and
+fwd + bwd) of the same shape with 128 x 128 blocks keeping 10 / 25 / 50 / 100 % of the causal
+blocks (each head: the diagonal plus random blocks below it, as `experiments.bench.attention`;
+--tiny: 10 and 100 % only), its attention_speedup the dense attention's time over its own. TFLOP/s count the useful FLOPs
+only (2 M K N for dense, 2 M Z bk bn for block-sparse, 2 M K N for gmm, three times that
+forward + backward; 4 K per attended (query, key) pair for attention, 3.5 times that forward +
+backward as in FlashAttention-2).
 
 `--tiny` runs tiny shapes with the GPU kernels in the Pallas interpreter, on any machine, to
 check the script itself. The module is also a benchmark: `python -m experiments.bench
 gpu_kernels [--quick]` (--quick is --tiny).
 """
 import argparse
+import functools
 import sys
 from typing import Any, Callable
 
@@ -26,19 +34,27 @@ import numpy as np
 
 from experiments.bench import timing
 from experiments.bench.__main__ import format_table
+from experiments.bench.attention import causal_block_mask
 from experiments.bench.kernels import forward_backward, random_block_mask, random_group_sizes
 from kernels.block_schedule import build_block_schedule
 from kernels.block_sparse import block_sparse_matmul
+from kernels.block_sparse_attention import block_sparse_attention, build_attention_schedule
 from kernels.gmm import gmm
+from sparsejax.attention.patterns import block_layout, blocks, causal
 
-DESCRIPTION = ("bf16 on GPU: TFLOP/s of block-sparse matmul (8192^3, 128x128 blocks) vs dense "
-               "and of gmm (M=16384, K=2048, N=1408, G=64) vs jax.lax.ragged_dot")
+DESCRIPTION = ("bf16 on GPU: TFLOP/s of block-sparse matmul (8192^3, 128x128 blocks) vs dense, "
+               "of gmm (M=16384, K=2048, N=1408, G=64) vs jax.lax.ragged_dot and of "
+               "block-sparse causal attention (L=8192, 8x64 heads) vs cuDNN dense attention")
 BASELINE = "dense_matmul_fwd"
 DENSITIES = (0.10, 0.25, 0.50, 1.00)
 TOLERANCE = 2e-2  # max |kernel - baseline| / max |baseline| in bf16
 
-_FULL = {"matmul": 8192, "block": 128, "gmm": (16384, 2048, 1408, 64)}
-_TINY = {"matmul": 128, "block": 32, "gmm": (96, 32, 48, 4)}
+# attention: (L, block, heads, head dim, densities); tiny keeps R = 32 blocks so that 10 % covers
+# the diagonal, and two densities (each compiles three interpreted kernels).
+_FULL = {"matmul": 8192, "block": 128, "gmm": (16384, 2048, 1408, 64),
+         "attention": (8192, 128, 8, 64, DENSITIES)}
+_TINY = {"matmul": 128, "block": 32, "gmm": (96, 32, 48, 4),
+         "attention": (512, 16, 1, 16, (0.10, 1.00))}
 
 
 def run(repeats: int, quick: bool) -> list[dict]:
@@ -52,6 +68,7 @@ def run(repeats: int, quick: bool) -> list[dict]:
   rng = np.random.default_rng(0)
   rows = _matmul_rows(shapes["matmul"], shapes["block"], options, repeats, rng)
   rows += _gmm_rows(*shapes["gmm"], options, repeats, rng)
+  rows += _attention_rows(*shapes["attention"], options, repeats, rng)
   return rows
 
 
@@ -82,17 +99,61 @@ def _gmm_rows(num_rows: int, contract: int, out_dim: int, groups: int, options: 
           + _cases("ragged_dot", jax.lax.ragged_dot, None, args, flops, repeats))
 
 
+def _attention_rows(seq_len: int, block: int, heads: int, head_dim: int, densities: tuple,
+                    options: dict, repeats: int, rng):
+  """dense_attn and block_sparse_attn_d{N} rows, fwd and fwdbwd (see the module docstring)."""
+  qkv = tuple(_normal(rng, 1, heads, seq_len, head_dim) for _ in range(3))
+  dense = functools.partial(_dense_causal_attention,
+                            implementation=None if options["interpret"] else "cudnn")
+  grad_options = dict(grads=_attention_forward_backward, backward_flops=2.5)
+  rows = _cases("dense_attn", dense, None, qkv, 4 * head_dim * heads * seq_len * (seq_len + 1) // 2,
+                repeats, **grad_options)
+  kernel = lambda q, k, v, s: block_sparse_attention(q, k, v, s, **options)
+  reference = lambda q, k, v, s: block_sparse_attention(q, k, v, s, implementation="reference")
+  for density in densities:
+    mask_HRR = causal_block_mask(heads, seq_len // block, density, rng)
+    layout = block_layout(causal() & blocks(mask_HRR, block), seq_len, block)
+    schedule = build_attention_schedule(layout.tile, layout.tiles, seq_len)
+    pairs = int(np.asarray(schedule.tiles_Uqk)[np.asarray(schedule.tile_Z)].sum())
+    rows += _cases(f"block_sparse_attn_d{round(density * 100)}", kernel, reference,
+                   (*qkv, schedule), 4 * head_dim * pairs, repeats, density=density,
+                   **grad_options)
+  dense_s = {r["case"].rsplit("_", 1)[1]: r["median_s"] for r in rows[:2]}
+  for row in rows:
+    row["attention_speedup"] = dense_s[row["case"].rsplit("_", 1)[1]] / row["median_s"]
+  return rows
+
+
+def _dense_causal_attention(q_BHTK, k_BHTK, v_BHTK, implementation):
+  """`jax.nn.dot_product_attention(..., is_causal=True)` on `[B, H, T, K]` arrays."""
+  o_BTHK = jax.nn.dot_product_attention(*(x.swapaxes(1, 2) for x in (q_BHTK, k_BHTK, v_BHTK)),
+                                        is_causal=True, implementation=implementation)
+  return o_BTHK.swapaxes(1, 2)
+
+
+def _attention_forward_backward(attention: Callable[..., Any]) -> Callable[..., Any]:
+  """attention's output and the gradients of q, k, v for a cotangent equal to it."""
+
+  def run(q_BHTK, k_BHTK, v_BHTK, *rest):
+    o_BHTK, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, *rest), q_BHTK, k_BHTK, v_BHTK)
+    return o_BHTK, *vjp(o_BHTK)
+
+  return run
+
+
 def _cases(name: str, fn: Callable[..., Any], reference: Callable[..., Any] | None, args: tuple,
-           flops: int, repeats: int, **extra) -> list[dict]:
+           flops: int, repeats: int, grads: Callable[..., Any] = forward_backward,
+           backward_flops: float = 2.0, **extra) -> list[dict]:
   """Rows `name`_fwd and `name`_fwdbwd, with TFLOP/s and, given a reference, the max relative
-  error of the outputs (and gradients) against it."""
+  error of the outputs (and gradients) against it. `grads(fn)` runs fn forward and backward,
+  whose FLOPs are (1 + backward_flops) times the forward's."""
   rows = []
-  for suffix, pass_fn, pass_flops in (("fwd", fn, flops), ("fwdbwd", forward_backward(fn),
-                                                           3 * flops)):
+  for suffix, pass_fn, pass_flops in (("fwd", fn, flops),
+                                      ("fwdbwd", grads(fn), (1 + backward_flops) * flops)):
     row = timing.case(f"{name}_{suffix}", pass_fn, *args, repeats=repeats, **extra)
     row["tflops"] = pass_flops / row["median_s"] / 1e12
     if reference is not None:
-      reference_fn = reference if suffix == "fwd" else forward_backward(reference)
+      reference_fn = reference if suffix == "fwd" else grads(reference)
       row["max_rel_err"] = _max_relative_error(jax.jit(pass_fn)(*args),
                                                jax.jit(reference_fn)(*args))
       row["ok"] = bool(row["max_rel_err"] <= TOLERANCE)

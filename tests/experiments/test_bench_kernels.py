@@ -36,10 +36,10 @@ def test_gpu_script_tiny_runs_the_gpu_kernels_interpreted(tmp_path, capsys):
   assert gpu_kernels.main(["--tiny", "--repeats", "1", "--json", str(path)]) == 0
   rows = json.loads(path.read_text())
   names = ["dense_matmul"] + [f"block_sparse_d{d}" for d in (10, 25, 50, 100)] + [
-      "gmm", "ragged_dot"]
+      "gmm", "ragged_dot", "dense_attn", "block_sparse_attn_d10", "block_sparse_attn_d100"]
   assert [r["case"] for r in rows] == [f"{n}_{p}" for n in names for p in ("fwd", "fwdbwd")]
   checked = [r for r in rows if "ok" in r]
-  assert len(checked) == 10 and all(r["ok"] for r in checked)
+  assert len(checked) == 14 and all(r["ok"] for r in checked)
   assert all(r["tflops"] > 0 for r in rows)
   assert "tflops" in capsys.readouterr().out
 

@@ -101,8 +101,8 @@ def test_a_query_that_sees_no_key_is_an_error_naming_it():
 def test_bad_arguments_are_one_line_errors():
   schedule = bsa.schedule_from_mask(np.tril(np.ones((2, 12, 12), bool)), 4)
   q = jnp.zeros((1, 2, 12, 4))
-  with pytest.raises(ValueError, match=r"implementation='pallas' is not one of 'auto', 'xla'"):
-    bsa.block_sparse_attention(q, q, q, schedule, implementation="pallas")
+  with pytest.raises(ValueError, match=r"implementation='fast' is not one of 'auto', 'pallas'"):
+    bsa.block_sparse_attention(q, q, q, schedule, implementation="fast")
   with pytest.raises(ValueError, match=r"k must be \[B, H=2, T=12, K\]"):
     bsa.block_sparse_attention(q, jnp.zeros((1, 3, 12, 4)), q, schedule)
   with pytest.raises(ValueError, match=r"tiles\[0\] must be all True"):
