@@ -79,7 +79,7 @@ def entmax_bisect(
         f"alpha of shape {alpha.shape}; allowed: a shape that broadcasts to z's shape without "
         f"axis {axis}, {batch_shape}"
     )
-  if not isinstance(alpha, jax.core.Tracer) and not bool(jnp.all(alpha > 1)):
+  if not isinstance(alpha, jax.core.Tracer) and not np.all(np.asarray(alpha) > 1):
     raise ValueError(f"alpha={np.asarray(alpha).tolist()}; allowed: values > 1")
   return _entmax_bisect_along(z, alpha, axis, n_iter)
 

@@ -173,3 +173,10 @@ def test_bfloat16_inputs_are_computed_in_float32_and_returned_in_bfloat16():
 def test_bad_arguments_raise_a_value_error_naming_them(call, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     call(jnp.zeros((3, 5)))
+
+
+def test_entmax_bisect_takes_a_concrete_alpha_closed_over_inside_a_loop_body():
+  z_TS = jnp.asarray([[0.3, 1.2, -0.5, 0.9], [2.0, 0.1, 0.4, -1.0]], jnp.float32)
+  alpha = jnp.float32(1.5)
+  looped = jax.lax.fori_loop(0, 1, lambda _, z: entmax_bisect(z, alpha), z_TS)
+  np.testing.assert_allclose(looped, entmax15(z_TS), atol=1e-6)
