@@ -10,6 +10,7 @@ from experiments.bench import __main__ as bench_main
 from experiments.bench import attention
 
 CASES = ["dense_L512", "bsa_d10_L512", "bsa_d25_L512", "bsa_d50_L512", "bsa_d100_L512"]
+DECODE_CASES = ["decode_full_ctx512", "decode_topk_ctx512"]
 
 
 def test_causal_block_masks_keep_the_diagonal_and_the_stated_share_of_causal_blocks():
@@ -37,7 +38,7 @@ def test_quick_run_writes_every_case_with_speedups_and_targets(tmp_path, capsys)
   path = tmp_path / "attention.json"
   assert bench_main.main(["attention", "--quick", "--repeats", "1", "--json", str(path)]) == 0
   rows = json.loads(path.read_text())
-  assert [r["case"] for r in rows] == CASES
+  assert [r["case"] for r in rows] == CASES + DECODE_CASES
   by_case = {r["case"]: r for r in rows}
   dense_s = by_case["dense_L512"]["median_s"]
   for name in CASES[1:]:
@@ -45,3 +46,15 @@ def test_quick_run_writes_every_case_with_speedups_and_targets(tmp_path, capsys)
   assert [by_case[n].get("target") for n in CASES[1:]] == [6.0, None, 1.5, pytest.approx(1 / 1.15)]
   assert by_case["bsa_d100_L512"]["stored_blocks"] == 2 * 32 * 33 // 2
   assert "bsa_d10_L512" in capsys.readouterr().out
+
+
+def test_decode_cases_run_alone_and_compare_page_selection_with_full_attention(tmp_path):
+  path = tmp_path / "decode.json"
+  assert bench_main.main(["attention_decode", "--quick", "--repeats", "1", "--json",
+                          str(path)]) == 0
+  full, topk = json.loads(path.read_text())
+  assert [full["case"], topk["case"]] == DECODE_CASES
+  assert topk["speedup"] == pytest.approx(full["median_s"] / topk["median_s"])
+  assert (topk["target"], topk["budget"], topk["selection"]) == (4.0, 64, "pages P=16")
+  cache = attention.filled_cache(2, 4, 64, 16, np.random.default_rng(0))
+  np.testing.assert_array_equal(cache.lengths_L, [64])  # every slot filled
