@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.auxiliary import Aux
 from sparsejax.models.layers import ACTIVATIONS, logical_param
@@ -39,9 +40,9 @@ Params = dict[str, jax.Array]
 def num_active(d_ff: int, k: int | None, active_fraction: float) -> int:
   """The kept units per token: `k` when given, else max(1, round(active_fraction * d_ff))."""
   if k is not None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_ff:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d_ff:
       raise ValueError(f"k={k!r} must be an int in [1, {d_ff}] (d_ff)")
-    return k
+    return int(k)
   if not 0.0 < active_fraction <= 1.0:
     raise ValueError(f"active_fraction={active_fraction!r} must lie in (0, 1]")
   return max(1, round(active_fraction * d_ff))
@@ -203,15 +204,17 @@ def predicted_ffn_gathered(params: Params, x_TD: jax.Array, k: int,
 class _SparseFFN(nn.Module):
   """Fields and helpers shared by TopKFFN and PredictedFFN."""
 
-  def _check(self, x_BTD: jax.Array) -> tuple[int, bool]:
-    """(k, whether to take the gathered path), with one-line errors for bad fields."""
+  def _check(self, x_BTD: jax.Array, deterministic: bool) -> tuple[int, bool]:
+    """(k, whether to take the gathered path), with one-line errors for bad fields. "auto"
+    gathers only in deterministic calls (inference), so training always gets the masked path
+    and, for PredictedFFN, the predictor's loss."""
     check_activation(self.activation)
     if self.path not in PATHS:
       raise ValueError(f"path={self.path!r}; allowed: {', '.join(PATHS)}")
     k = num_active(self.d_ff, self.k, self.active_fraction)
     num_tokens = x_BTD.shape[0] * x_BTD.shape[1]
     gathered = self.path == "gathered" or (
-        self.path == "auto" and num_tokens <= self.gathered_max_tokens)
+        self.path == "auto" and deterministic and num_tokens <= self.gathered_max_tokens)
     return k, gathered
 
   def _ffn_params(self) -> Params:
@@ -224,12 +227,19 @@ class _SparseFFN(nn.Module):
   def _weight(self, name: str, shape: tuple[int, int], axes: tuple[str | None, ...]) -> jax.Array:
     return logical_param(self, name, nn.initializers.lecun_normal(), shape, axes, self.dtype)
 
-  def _gathered_output(self, params: Params, idx_TK: jax.Array, h_TK: jax.Array) -> jax.Array:
-    """sum_k h[t, k] W_out[idx[t, k]], with the "hidden" site on the scattered [T, F] units
+  def _hidden_site(self, h_TF: jax.Array, batch: int, length: int) -> jax.Array:
+    """h_TF through the "hidden" site as [B, T, F], DenseFFN's layout (stats, probes and
+    patching index its axis 1 by position)."""
+    return Site(name="hidden")(h_TF.reshape(batch, length, self.d_ff)).reshape(h_TF.shape)
+
+  def _gathered_output(self, params: Params, idx_TK: jax.Array, h_TK: jax.Array, batch: int,
+                       length: int) -> jax.Array:
+    """sum_k h[t, k] W_out[idx[t, k]], with the "hidden" site on the scattered [B, T, F] units
     (in this path a site function sees, and its edits reach, the k kept units only)."""
     rows_T1 = jnp.arange(idx_TK.shape[0])[:, None]
-    h_TF = Site(name="hidden")(
-        jnp.zeros((idx_TK.shape[0], self.d_ff), h_TK.dtype).at[rows_T1, idx_TK].set(h_TK))
+    h_TF = self._hidden_site(
+        jnp.zeros((idx_TK.shape[0], self.d_ff), h_TK.dtype).at[rows_T1, idx_TK].set(h_TK),
+        batch, length)
     h_TK = jnp.take_along_axis(h_TF, idx_TK, axis=1)
     return gather_decode(params["wo"], idx_TK, h_TK)
 
@@ -244,8 +254,8 @@ class TopKFFN(_SparseFFN):
   y = (h * m) W_out, h = gelu(x W_in) or silu(x W_gate) * (x W_in), m the 0/1 mask of the
   top-k |h| per token; k = `k`, else round(active_fraction * F). DenseFFN's params.
   `path`: "masked" (dense h times the mask; what training uses), "gathered" (h in full, then
-  only k rows of W_out: `topk_ffn_gathered`), "auto" (gathered when B T <=
-  `gathered_max_tokens`, i.e. decode). Sites "in", "hidden" (the masked units), "out".
+  only k rows of W_out: `topk_ffn_gathered`), "auto" (gathered in deterministic calls with
+  B T <= `gathered_max_tokens`, i.e. decode). Sites "in", "hidden" (the masked units), "out".
   aux metrics: active_fraction = k / F.
   Makhzani & Frey 2014, "k-Sparse Autoencoders" (top-k activations); Liu et al. 2023 (Deja Vu)
   on the gathered decode.
@@ -262,17 +272,17 @@ class TopKFFN(_SparseFFN):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
-    del deterministic  # No dropout.
-    k, gathered = self._check(x_BTD)
+    k, gathered = self._check(x_BTD, deterministic)
     batch, length, _ = x_BTD.shape
     x_TD = Site(name="in")(x_BTD.astype(self.dtype)).reshape(batch * length, self.d_model)
     params = self._ffn_params()
     h_TF = hidden_units(params, x_TD, self.activation)
     idx_TK = topk_units(jax.lax.stop_gradient(h_TF), k)
     if gathered:
-      y_TD = self._gathered_output(params, idx_TK, jnp.take_along_axis(h_TF, idx_TK, axis=1))
+      y_TD = self._gathered_output(params, idx_TK, jnp.take_along_axis(h_TF, idx_TK, axis=1),
+                                   batch, length)
     else:
-      h_TF = Site(name="hidden")(h_TF * unit_mask(idx_TK, self.d_ff, h_TF.dtype))
+      h_TF = self._hidden_site(h_TF * unit_mask(idx_TK, self.d_ff, h_TF.dtype), batch, length)
       y_TD = h_TF @ params["wo"]
     y_BTD = Site(name="out")(y_TD.reshape(batch, length, self.d_model))
     return y_BTD, {"losses": {}, "metrics": self._metrics(k)}
@@ -290,7 +300,8 @@ class PredictedFFN(_SparseFFN):
   leaves the predictor's updates as they are and its share of the clipped norm small.
   `path`: "masked" (training: h in full, so the true top-k, loss and recall exist), "gathered"
   (decode: only k columns of W_in / W_gate and k rows of W_out are read, no loss), "auto"
-  (gathered when B T <= `gathered_max_tokens`). Sites "in", "hidden", "out".
+  (gathered in deterministic calls with B T <= `gathered_max_tokens`, so training always trains
+  the predictor). Sites "in", "hidden", "out".
   aux metrics: active_fraction = k / F; recall = |p ∩ true top-k| / k (masked path).
   Liu et al. 2023, "Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time";
   Khaki et al. 2025, "SparseLoRA: Accelerating LLM Fine-Tuning with Contextual Sparsity".
@@ -309,8 +320,7 @@ class PredictedFFN(_SparseFFN):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
-    del deterministic  # No dropout.
-    k, gathered = self._check(x_BTD)
+    k, gathered = self._check(x_BTD, deterministic)
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
       raise ValueError(f"rank={self.rank!r} must be a positive int")
     batch, length, _ = x_BTD.shape
@@ -324,13 +334,13 @@ class PredictedFFN(_SparseFFN):
     metrics = self._metrics(k)
     if gathered:
       h_TK = gathered_hidden(params, x_TD, idx_TK, self.activation)
-      y_TD, losses = self._gathered_output(params, idx_TK, h_TK), {}
+      y_TD, losses = self._gathered_output(params, idx_TK, h_TK, batch, length), {}
     else:
       h_TF = hidden_units(params, x_TD, self.activation)
       true_idx_TK = topk_units(jax.lax.stop_gradient(h_TF), k)
       losses = {"predictor": self.predictor_coeff * predictor_loss(scores_TF, true_idx_TK)}
       metrics["recall"] = recall(idx_TK, true_idx_TK, self.d_ff)
-      h_TF = Site(name="hidden")(h_TF * unit_mask(idx_TK, self.d_ff, h_TF.dtype))
+      h_TF = self._hidden_site(h_TF * unit_mask(idx_TK, self.d_ff, h_TF.dtype), batch, length)
       y_TD = h_TF @ params["wo"]
     y_BTD = Site(name="out")(y_TD.reshape(batch, length, self.d_model))
     return y_BTD, {"losses": losses, "metrics": metrics}

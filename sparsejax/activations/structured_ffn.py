@@ -140,8 +140,8 @@ class RSparseFFN(nn.Module):
     sparse = self.has_variable(LOWRANK_COLLECTION, "wi")
     linear = lambda name, v, k: (rsparse_linear(v, self._weight(name), self._factors(name), k)
                                  if sparse else v @ self._weight(name))
-    h_TF = Site(name="hidden")(_activate(
-        self.activation, lambda name: linear(name, x_TD, k_in)))
+    h_TF = _hidden_site(_activate(self.activation, lambda name: linear(name, x_TD, k_in)),
+                        batch, length)
     y_TD = linear("wo", h_TF, k_hidden)
     num_in = 2 if self.activation == "swiglu" else 1
     rows_read = num_in * k_in + k_hidden if sparse else num_in * self.d_model + self.d_ff
@@ -248,8 +248,8 @@ class NMActivationFFN(nn.Module):
                        f"{', '.join(IMPLEMENTATIONS)}")
     batch, length, _ = x_BTD.shape
     x_TD = Site(name="in")(x_BTD.astype(self.dtype)).reshape(batch * length, self.d_model)
-    h_TF = Site(name="hidden")(_activate(self.activation, lambda name: x_TD @ self._weight(
-        name, (self.d_model, self.d_ff), ("embed", "mlp"))))
+    h_TF = _hidden_site(_activate(self.activation, lambda name: x_TD @ self._weight(
+        name, (self.d_model, self.d_ff), ("embed", "mlp"))), batch, length)
     w_FD = self._weight("wo", (self.d_ff, self.d_model), ("mlp", "embed"))
     if self.implementation == "gathered":
       kept_TK, idx_TK = nm_pack(h_TF, self.n, self.m)
@@ -280,6 +280,12 @@ def _activate(activation: str, project) -> jax.Array:
   if activation == "relu2":
     return jnp.square(jax.nn.relu(project("wi")))
   return nn.silu(project("wi_gate")) * project("wi")
+
+
+def _hidden_site(h_TF: jax.Array, batch: int, length: int) -> jax.Array:
+  """h_TF through the calling module's "hidden" site as [B, T, F], DenseFFN's layout (stats,
+  probes and patching index its axis 1 by position)."""
+  return Site(name="hidden")(h_TF.reshape(batch, length, -1)).reshape(h_TF.shape)
 
 
 def _top_mass(x_TD: jax.Array, k: int) -> jax.Array:

@@ -115,3 +115,16 @@ def test_errors():
   layer = hr.HeadRoutedAttention(d_model=D, num_heads=H, head_fraction=0.0)
   with pytest.raises(ValueError, match="head_fraction=0.0; allowed: a fraction in"):
     layer.init(jax.random.key(0), jnp.ones((1, 2, D)))
+
+
+def test_routed_layer_is_causal_in_time():
+  """Changing the tokens after position t (in every sequence) leaves y[:, :t + 1] unchanged,
+  with k < H: the head choice at t reads position t only."""
+  x = _rand(3, B, T, D)
+  changed = x.copy()
+  changed[:, 3:] = _rand(4, B, T - 3, D)
+  layer = hr.HeadRoutedAttention(d_model=D, num_heads=H, head_fraction=0.5)
+  y, y_changed = jax.jit(jax.vmap(lambda x: layer.apply({"params": _params()}, x)[0]))(
+      jnp.stack([x, changed]))
+  np.testing.assert_array_equal(y[:, :3], y_changed[:, :3])
+  assert not np.allclose(y[:, 3:], y_changed[:, 3:])

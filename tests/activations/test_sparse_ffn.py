@@ -170,8 +170,11 @@ def test_modules_equal_the_pure_functions(path):
     np.testing.assert_allclose(y.reshape(4, D), pure(params, x.reshape(4, D)), rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(aux["metrics"]["active_fraction"], K / F)
-  # "auto" takes the gathered path at 4 <= 16 tokens: no predictor loss there.
+  # "auto" takes the gathered path at 4 <= 16 tokens when deterministic: no predictor loss there.
   assert set(aux["losses"]) == ({"predictor"} if path == "masked" else set())
+  if path == "auto":  # training calls take the masked path, so the predictor still trains
+    _, aux = predicted.apply(variables, x, deterministic=False)
+    assert set(aux["losses"]) == {"predictor"}
 
 
 def test_predictor_loss_reaches_only_the_predictor():
@@ -217,3 +220,22 @@ def test_lm_builds_and_trains_one_step(ffn):
   assert "layer_0/ffn/active_fraction" in aux["metrics"]
   if ffn["name"] == "predicted":
     assert "layer_0/ffn/predictor" in aux["losses"] and "layer_0/ffn/recall" in aux["metrics"]
+
+
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_hidden_site_is_btf_like_densefn_and_holds_the_kept_units(path):
+  """The "hidden" site is [B, T, F] (DenseFFN's layout, which neuron stats, probes and
+  patching read by position), holding h at the kept units and 0 elsewhere."""
+  x = _x(tokens=6).reshape(2, 3, D)
+  topk = sparse_ffn.TopKFFN(d_model=D, d_ff=F, k=K, path=path)
+  predicted = sparse_ffn.PredictedFFN(d_model=D, d_ff=F, k=K, rank=4, path=path)
+  for module in (topk, predicted):
+    variables = module.init(jax.random.key(1), x)
+    p = jax.tree.map(np.asarray, nn.meta.unbox(variables)["params"])
+    _, captured = sparsejax.sites.collect(module, variables, x, sites="hidden")
+    h = _np_hidden(p, x.reshape(6, D), "gelu")
+    ranked = h if module is topk else x.reshape(6, D) @ p["predictor_a"] @ p["predictor_b"]
+    mask = _np_topk_mask(ranked - (0 if module is topk else ranked.min() - 1), K)
+    assert captured["hidden"].shape == (2, 3, F)
+    np.testing.assert_allclose(captured["hidden"], (h * mask).reshape(2, 3, F), rtol=1e-5,
+                               atol=1e-6)

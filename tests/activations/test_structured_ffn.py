@@ -236,3 +236,19 @@ def test_lm_builds_and_runs_with_the_layers(ffn, attention):
   if attention["name"] == "head_routed":  # the LM test of test_head_routing.py's layer
     assert float(aux["metrics"]["layer_0/attention/active_fraction"]) == 0.5
     assert "layer_0/attention/router" in aux["losses"]
+
+
+def test_hidden_site_is_btf_like_densefn():
+  """The "hidden" site is [B, T, F] (DenseFFN's layout, which neuron stats, probes and
+  patching read by position), in both layers."""
+  from sparsejax import sites
+  x_BTD = jnp.asarray(_rand(12, 2, T, D))
+  for module in (sf.RSparseFFN(d_model=D, d_ff=F), sf.NMActivationFFN(d_model=D, d_ff=F)):
+    variables = module.init(jax.random.key(0), x_BTD)
+    p = jax.tree.map(np.asarray, nn.meta.unbox(variables)["params"])
+    _, captured = sites.collect(module, variables, x_BTD, sites="hidden")
+    pre = np.asarray(x_BTD) @ p["wi"]
+    want = (0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
+            if module.activation == "gelu" else np.maximum(pre, 0) ** 2)
+    assert captured["hidden"].shape == (2, T, F)
+    np.testing.assert_allclose(captured["hidden"], want, rtol=1e-5, atol=1e-6)
