@@ -112,7 +112,8 @@ def build_attention_schedule(tile_HRC: np.ndarray, tiles_Uqk: np.ndarray,
     seq_len: T.
 
   Raises a ValueError naming the head and query position of the first query that sees no key
-  (among positions < seq_len), or any shape that does not fit.
+  (among positions < seq_len), the first block whose tile lets a query see a padded key
+  (>= seq_len), or any shape that does not fit.
   """
   tile_HRC, tiles_Uqk = np.asarray(tile_HRC), np.asarray(tiles_Uqk)
   if tiles_Uqk.ndim != 3 or tiles_Uqk.dtype != np.bool_ or tiles_Uqk.shape[1] != tiles_Uqk.shape[2]:
@@ -132,6 +133,7 @@ def build_attention_schedule(tile_HRC: np.ndarray, tiles_Uqk: np.ndarray,
   tile_GC = tile_HRC.reshape(num_heads * num_blocks, num_blocks)
   blocks = build_block_schedule(tile_GC >= 0)
   tile_Z = tile_GC[blocks.rows_Z, blocks.cols_Z].astype(np.int32)
+  _check_no_query_sees_a_padded_key(blocks, tile_Z, tiles_Uqk, num_blocks, seq_len)
   _check_every_query_sees_a_key(blocks, tile_Z, tiles_Uqk, num_heads, seq_len)
   return AttentionSchedule(blocks, _key_steps(blocks, num_blocks), tile_Z, tiles_Uqk, seq_len,
                            num_heads)
@@ -177,6 +179,26 @@ def schedule_from_mask(mask_HTT: np.ndarray, block: int) -> AttentionSchedule:
   tile_HRC[masked_HRC] = 1 + np.arange(int(masked_HRC.sum()))
   tiles_Uqk = np.concatenate([np.ones((1, block, block), bool), tiles_HRCqk[masked_HRC]])
   return build_attention_schedule(tile_HRC, tiles_Uqk, seq_len)
+
+
+def _check_no_query_sees_a_padded_key(blocks: BlockSchedule, tile_Z: np.ndarray,
+                                      tiles_Uqk: np.ndarray, num_blocks: int, seq_len: int):
+  """A ValueError naming the first stored block whose tile lets a query < T see a key >= T (the
+  kernels read padded keys as zeros and would count them in the softmax)."""
+  block = tiles_Uqk.shape[-1]
+  pad = num_blocks * block - seq_len
+  last_N = np.flatnonzero(blocks.cols_Z == num_blocks - 1)
+  if not pad or not last_N.size:
+    return
+  real_queries_N = np.where(blocks.rows_Z[last_N] % num_blocks == num_blocks - 1, block - pad,
+                            block)
+  real_Nq = np.arange(block) < real_queries_N[:, None]
+  leaks_N = (tiles_Uqk[tile_Z[last_N]][:, :, block - pad:].any(-1) & real_Nq).any(-1)
+  if leaks_N.any():
+    row = int(blocks.rows_Z[last_N[np.argmax(leaks_N)]])
+    raise ValueError(f"the tile of head {row // num_blocks}, query block {row % num_blocks}, key "
+                     f"block {num_blocks - 1} lets queries see padded keys >= seq_len={seq_len}; "
+                     f"a ragged last key block needs a tile that masks them")
 
 
 def _check_every_query_sees_a_key(blocks: BlockSchedule, tile_Z: np.ndarray,

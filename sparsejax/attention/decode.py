@@ -82,7 +82,8 @@ def page_summaries(k_BHSK: jax.Array, length: jax.Array,
 
 def append(cache: KVCache, layer: int, k_BHK: jax.Array, v_BHK: jax.Array) -> KVCache:
   """Writes one token's keys and values at slot lengths_L[layer] of `layer`, updates that slot's
-  page summary, and advances lengths_L[layer] by one (a full cache overwrites its last slot)."""
+  page summary, and advances lengths_L[layer] by one (a full cache overwrites its last slot and
+  widens the last page's summary, which stays a bound on the keys in it)."""
   pos = cache.lengths_L[layer]
   start = (layer, 0, 0, pos, 0)
   updates = {
@@ -92,7 +93,7 @@ def append(cache: KVCache, layer: int, k_BHK: jax.Array, v_BHK: jax.Array) -> KV
   }
   if cache.page_size:
     page_start = (layer, 0, 0, pos // cache.page_size, 0)
-    opens_page = pos % cache.page_size == 0
+    opens_page = (pos % cache.page_size == 0) & (pos < cache.max_len)
     for name, reduce in (("kmin_LBHMK", jnp.minimum), ("kmax_LBHMK", jnp.maximum)):
       summary = getattr(cache, name)
       old_1BH1K = jax.lax.dynamic_slice(summary, page_start, (1, *k_BHK.shape[:2], 1,
@@ -208,8 +209,10 @@ def select(q_BHK: jax.Array, cache: KVCache, layer: int, selection: str, budget:
   "pages": per head the budget / P pages of largest u_hm = sum_d max(q_hd min_hmd, q_hd max_hmd)
   >= max_{j in page m} q_h . k_hj (Tang et al. 2024, "Quest").
   The first `sink` and the last `recent` filled positions are always kept, within the budget
-  ("pages": the first ceil(sink / P) pages and the newest ceil(recent / P) pages). When fewer than N positions are filled, the rest are unfilled slots,
-  which `attend` masks.
+  ("pages": the first ceil(sink / P) pages and the newest ceil(recent / P) pages, the current,
+  possibly partly filled page among them, so that fewer than the last `recent` positions may be
+  kept). When fewer than N positions are filled, the rest are unfilled slots, which `attend`
+  masks.
   """
   check_selection(cache, selection, budget, sink, recent)
   length = cache.lengths_L[layer]

@@ -51,7 +51,8 @@ def prefill(model: TransformerLM, variables: dict, prompt_BT: jax.Array, *,
   holding the prompt's keys and values of every layer (and page summaries when page_size > 0).
 
   Causal attention over the prompt as in `CausalSelfAttention`, so the logits equal
-  `model.apply(variables, prompt_BT)[0]`.
+  `model.apply(variables, prompt_BT)[0]` for attention="dense" (a "block_sparse" model's
+  pattern is replaced by full causal attention, as in `decode_step`).
   """
   check_decodable(model)
   batch, length = prompt_BT.shape
@@ -122,9 +123,13 @@ def teacher_forced(model: TransformerLM, variables: dict, tokens_BT: jax.Array,
                    recent: int = 0, page_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """(logits_BTV, attended_fraction_T): prefill of the first `prompt_len` tokens, then one
   `decode_step` per later token fed the true token (lax.scan); the fraction is 1 on the prompt.
+  Needs T <= max_len (the cache's size).
   """
   if not 1 <= prompt_len <= tokens_BT.shape[1]:
     raise ValueError(f"prompt_len={prompt_len} must be in [1, {tokens_BT.shape[1]}]")
+  if tokens_BT.shape[1] > model.max_len:
+    raise ValueError(f"tokens length {tokens_BT.shape[1]} exceeds max_len={model.max_len}, the "
+                     f"KV cache's size")
   logits_BPV, cache = prefill(model, variables, tokens_BT[:, :prompt_len], page_size=page_size)
   step = functools.partial(decode_step, model, variables, plan=plan, selection=selection,
                            budget=budget, sink=sink, recent=recent)

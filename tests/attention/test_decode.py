@@ -184,3 +184,15 @@ def test_append_is_jit_and_scan_friendly():
   np.testing.assert_array_equal(cache.lengths_L, [6, 6])
   np.testing.assert_array_equal(cache.k_LBHSK[1, :, :, :6], -np.moveaxis(np.asarray(k), 0, 2))
   np.testing.assert_array_equal(cache.kmax_LBHMK[0, :, :, 1], np.asarray(k)[4:6].max(0))
+
+
+def test_appending_past_a_full_cache_keeps_the_last_pages_summary_a_bound():
+  """S + 2 appends: the last slot is overwritten, and the last page's min / max must still
+  bound every key left in that page (Quest's upper bound relies on it)."""
+  cache = decode.init_cache(1, B, H, S, K, page_size=PAGE)
+  k = jax.random.normal(jax.random.key(3), (S + 2, B, H, K))
+  cache, _ = jax.lax.scan(lambda c, k_BHK: (decode.append(c, 0, k_BHK, k_BHK), None), cache, k)
+  last_page = np.asarray(cache.k_LBHSK[0, :, :, S - PAGE:])
+  np.testing.assert_array_equal(last_page[:, :, -1], k[-1])
+  assert (np.asarray(cache.kmin_LBHMK[0, :, :, -1]) <= last_page.min(2)).all()
+  assert (np.asarray(cache.kmax_LBHMK[0, :, :, -1]) >= last_page.max(2)).all()

@@ -109,3 +109,20 @@ def test_bad_arguments_are_one_line_errors():
     bsa.build_attention_schedule(np.zeros((1, 3, 3), int), np.zeros((1, 4, 4), bool), 12)
   with pytest.raises(ValueError, match=r"tile must be \[H, 3, 3\] for seq_len=12"):
     bsa.build_attention_schedule(np.zeros((1, 2, 3), int), np.ones((1, 4, 4), bool), 12)
+
+
+def test_a_tile_that_lets_a_query_see_padded_keys_is_an_error():
+  """T = 12, b = 8: key block 1 holds 4 padded keys. Tile 0 (all True) there would count them in
+  the softmax; a tile masking them is accepted (padded queries may see keys) and is exact."""
+  full_tiles = np.ones((1, 8, 8), bool)
+  with pytest.raises(ValueError, match=r"the tile of head 0, query block 0, key block 1 lets "
+                                       r"queries see padded keys >= seq_len=12"):
+    bsa.build_attention_schedule(np.zeros((1, 2, 2), int), full_tiles, 12)
+  masked = np.ones((1, 8, 8), bool)
+  masked[:, :, 4:] = False
+  schedule = bsa.build_attention_schedule(np.array([[[0, 1], [0, 1]]]),
+                                          np.concatenate([full_tiles, masked]), 12)
+  q, k, v, _ = inputs(1, 1, 12, 4)
+  out = jax.jit(lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, scale=0.5,
+                                                          implementation="xla"))(q, k, v)
+  assert_close(out, numpy_attention(q, k, v, np.ones((1, 12, 12), bool), 0.5))

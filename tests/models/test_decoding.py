@@ -67,6 +67,11 @@ def test_greedy_generation_continues_with_the_models_argmax():
     decoding.generate(model, variables, prompt, 10)
 
 
+def test_teacher_forcing_more_tokens_than_the_cache_holds_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"tokens length 13 exceeds max_len=12, the KV cache's"):
+    decoding.teacher_forced(TransformerLM(**TINY), {}, jnp.zeros((1, 13), jnp.int32))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"attention": "entmax"}, r"attention='entmax' cannot be decoded with a KV cache; allowed: "
                               r"dense, block_sparse"),
