@@ -10,7 +10,8 @@ would, each in its own workdir under a temporary directory; writes, after every 
 `DIR/sparse_attention.md` (the table of the runs so far), DIR defaulting to
 `experiments/claims/results`. The attended fraction is the mean over layers of the last logged
 layer_*/attention/attended_fraction (mean over queries of attended / causal keys; 1 for dense
-attention). --fast: 20 steps of 8 x 128, 2 eval batches (a smoke run).
+attention). --fast: 20 steps of 8 x 128, 2 eval batches (a smoke run). With --only, the rows of the other
+patterns already in DIR are kept.
 In the spirit of Nawrot et al. 2025, "The Sparse Frontier: Sparse Attention Trade-offs in
 Transformer LLMs" (quality against the fraction of attention computed, at equal training).
 """
@@ -93,16 +94,28 @@ def main(argv=None) -> None:
   unknown = sorted(set(chosen) - set(keys))
   if unknown:
     parser.error(f"--only {','.join(unknown)}: allowed {','.join(keys)}")
+  kept = previous_rows(args.out) if args.only else {}
   rows = []
   with tempfile.TemporaryDirectory() as scratch:
     for key, name, attention in ATTENTIONS:
       if key not in chosen:
         continue
       metrics = run_attention(attention, args.steps, args.fast, os.path.join(scratch, key))
-      rows.append({"key": key, "name": name, "attention": attention, **metrics})
-      print(json.dumps(rows[-1]), flush=True)
+      kept[key] = {"key": key, "name": name, "attention": attention, **metrics}
+      print(json.dumps(kept[key]), flush=True)
+      rows = [kept[k] for k in keys if k in kept]
       claims.write_results(args.out, "sparse_attention", rows, table(rows) + "\n")
   print(table(rows))
+
+
+def previous_rows(out_dir: str) -> dict[str, dict]:
+  """The rows of an earlier run in OUT_DIR by key (none when there is no earlier run), so a run
+  with --only replaces its own rows and keeps the others."""
+  path = os.path.join(out_dir, "sparse_attention.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {row["key"]: row for row in json.load(f)}
 
 
 if __name__ == "__main__":
