@@ -1,5 +1,7 @@
 """The "sae" task end to end on a tiny LM: it finishes the LM first, logs the SAE metrics, caches
 activations, trains transcoders, and rejects unusable settings."""
+import contextlib
+import io
 import json
 import math
 
@@ -22,11 +24,22 @@ from tests.experiments.test_trainer import tiny_config
 
 
 @pytest.fixture(scope="module")
-def lm_workdir(stdlib_data_dir, tmp_path_factory):
-  """A tiny LM run stopped at step 4 of 8: the SAE task must finish it before using it."""
-  workdir = tmp_path_factory.mktemp("lm")
-  run(tiny_config(stdlib_data_dir), workdir, stop_at_step=4)
-  return str(workdir)
+def first_sae_run(stdlib_data_dir, tmp_path_factory):
+  """A tiny LM run stopped at step 4 of 8, then the default SAE run on it, which must finish the
+  LM first: (LM workdir, SAE workdir, SAE summary, SAE params, what the SAE run printed)."""
+  lm_workdir = str(tmp_path_factory.mktemp("lm"))
+  run(tiny_config(stdlib_data_dir), lm_workdir, stop_at_step=4)
+  sae_workdir = tmp_path_factory.mktemp("sae")
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    summary, params = run(sae_config(stdlib_data_dir, lm_workdir), sae_workdir)
+  return lm_workdir, sae_workdir, summary, params, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lm_workdir(first_sae_run):
+  """The tiny LM, finished at step 8 by the first SAE run."""
+  return first_sae_run[0]
 
 
 def sae_config(data_dir, lm_workdir, **sae):
@@ -44,12 +57,11 @@ def records(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_sae_task_finishes_the_lm_then_logs_the_sae_metrics(stdlib_data_dir, lm_workdir,
-                                                            tmp_path, capsys):
-  summary, params = run(sae_config(stdlib_data_dir, lm_workdir), tmp_path / "sae")
-  assert "training the LM" in capsys.readouterr().out
+def test_sae_task_finishes_the_lm_then_logs_the_sae_metrics(stdlib_data_dir, first_sae_run):
+  lm_workdir, sae_workdir, summary, params, printed = first_sae_run
+  assert "training the LM" in printed
   assert ckpt_lib.Checkpoints(lm_workdir, read_only=True).latest_step() == 8
-  final = records(tmp_path / "sae")[-1]
+  final = records(sae_workdir)[-1]
   for key in ("eval/fvu", "eval/l0", "eval/dead_fraction", "eval/ce_recovered", "train/loss"):
     assert np.isfinite(final[key]), key
   assert 0 < final["eval/l0"] <= 4 and 0 <= final["eval/dead_fraction"] <= 1
@@ -107,11 +119,11 @@ def test_unusable_sae_settings_are_one_line_errors(stdlib_data_dir, lm_workdir, 
   assert "\n" not in str(error.value)
 
 
-def test_export_writes_a_saelens_sae_that_takes_raw_activations(stdlib_data_dir, lm_workdir,
+def test_export_writes_a_saelens_sae_that_takes_raw_activations(stdlib_data_dir, first_sae_run,
                                                                 tmp_path):
+  lm_workdir, sae_workdir, _, params, _ = first_sae_run
   config = sae_config(stdlib_data_dir, lm_workdir)
-  _, params = run(config, tmp_path / "sae")
-  assert export_sae.main(["--workdir", str(tmp_path / "sae"), "--out", str(tmp_path / "out")]) == 0
+  assert export_sae.main(["--workdir", str(sae_workdir), "--out", str(tmp_path / "out")]) == 0
   loaded, cfg = export.load_saelens(str(tmp_path / "out"))
   assert cfg["architecture"] == "topk" and cfg["k"] == 4
   task = tasks.build_task(config)

@@ -55,9 +55,9 @@ def losses(workdir):
   return {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(str(workdir))}
 
 
-def test_train_logs_metrics_and_saves_checkpoints(stdlib_data_dir, tmp_path):
-  summary, _ = run(tiny_config(stdlib_data_dir), tmp_path)
-  records = metrics_lib.read_metrics(str(tmp_path))
+def test_train_logs_metrics_and_saves_checkpoints(tiny_lm_run):
+  workdir, summary, _ = tiny_lm_run
+  records = metrics_lib.read_metrics(str(workdir))
   assert [r["step"] for r in records] == [2, 4, 6, 8]
   for r in records:
     for key in ("train/loss", "steps_per_sec", "tokens_per_sec", "train/learning_rate"):
@@ -70,38 +70,38 @@ def test_train_logs_metrics_and_saves_checkpoints(stdlib_data_dir, tmp_path):
   assert records[0]["train/loss"] < math.log(258) + 1.0  # unit-variance logits at init: ~ln V + 1/2
   assert records[-1]["train/loss"] < records[0]["train/loss"]
   assert summary["step"] == 8
-  assert saved_steps(tmp_path) == [4, 8]
+  assert saved_steps(workdir) == [4, 8]
 
 
-def test_resume_is_exact(stdlib_data_dir, tmp_path):
+def test_resume_is_exact(stdlib_data_dir, tmp_path, tiny_lm_run):
+  full_workdir, full_summary, full_params = tiny_lm_run
   config = tiny_config(stdlib_data_dir)
-  full_summary, full_params = run(config, tmp_path / "full")
   run(config, tmp_path / "split", stop_at_step=3)  # pre-empted between checkpoints
   resumed_summary, resumed_params = run(config, tmp_path / "split")
   assert_trees_close(resumed_params, full_params, rtol=1e-6)
   assert resumed_summary["train/loss"] == pytest.approx(full_summary["train/loss"], rel=1e-6)
-  assert losses(tmp_path / "split")[8] == pytest.approx(losses(tmp_path / "full")[8], rel=1e-6)
+  assert losses(tmp_path / "split")[8] == pytest.approx(losses(full_workdir)[8], rel=1e-6)
 
 
 def test_sharded_mesh_matches_single_device(stdlib_data_dir, tmp_path):
-  config = tiny_config(stdlib_data_dir, num_steps=20, log_every=1, eval_every=20)
+  # The programs of tiny_config's runs (log_every does not change them): compiled once.
+  config = tiny_config(stdlib_data_dir, log_every=1)
   run(config, tmp_path / "one")
-  sharded = tiny_config(stdlib_data_dir, num_steps=20, log_every=1, eval_every=20)
+  sharded = tiny_config(stdlib_data_dir, log_every=1)
   sharded.mesh.update(data=2, fsdp=2, model=2)
   run(sharded, tmp_path / "eight", devices=8)
   one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
-  assert sorted(one) == list(range(1, 21))
+  assert sorted(one) == list(range(1, 9))
   for step in one:
     assert eight[step] == pytest.approx(one[step], rel=1e-4), step
 
 
-def test_checkpoint_restores_on_another_mesh(stdlib_data_dir, tmp_path):
+def test_checkpoint_restores_on_another_mesh(stdlib_data_dir, tmp_path, tiny_lm_run):
   sharded = tiny_config(stdlib_data_dir)
   sharded.mesh.update(data=2, fsdp=2, model=2)
   run(sharded, tmp_path / "moved", devices=8, stop_at_step=4)
   _, moved_params = run(tiny_config(stdlib_data_dir), tmp_path / "moved")
-  _, ref_params = run(tiny_config(stdlib_data_dir), tmp_path / "ref")
-  assert_trees_close(moved_params, ref_params, rtol=1e-4)
+  assert_trees_close(moved_params, tiny_lm_run[2], rtol=1e-4)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(stdlib_data_dir, tmp_path):
@@ -150,6 +150,14 @@ def test_unwritable_workdir(stdlib_data_dir, tmp_path):
     trainer_lib.Trainer(tiny_config(stdlib_data_dir), str(tmp_path / "file" / "run"))
 
 
+def cli_environment() -> dict[str, str]:
+  """This environment for a `python -m experiments.train` subprocess: one CPU device (no fake
+  devices), and conftest.py's quick-compile XLA flags and compilation cache."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+
+
 def _cli(data_dir, workdir, *overrides):
   args = [
       sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm_dense.py",
@@ -157,9 +165,8 @@ def _cli(data_dir, workdir, *overrides):
       "--config.model.num_layers=1", "--config.model.max_len=32", "--config.train.seq_len=32",
       "--config.train.batch_size=4", "--config.train.eval_batches=1", *overrides,
   ]
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(args, cwd=REPO, env=cli_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize(
@@ -243,10 +250,11 @@ def test_bad_router_settings_fail_at_config_time(stdlib_data_dir, tmp_path, ffn,
     trainer_lib.Trainer(tiny_moe_config(stdlib_data_dir, **ffn), str(tmp_path), jax.devices()[:1])
 
 
-def test_init_from_workdir_copies_params_and_resets_the_rest(stdlib_data_dir, tmp_path):
-  _, source_params = run(tiny_config(stdlib_data_dir), tmp_path / "source", stop_at_step=4)
+def test_init_from_workdir_copies_params_and_resets_the_rest(stdlib_data_dir, tmp_path,
+                                                              tiny_lm_run):
+  source, _, source_params = tiny_lm_run
   config = tiny_config(stdlib_data_dir)
-  config.init.from_workdir = str(tmp_path / "source")
+  config.init.from_workdir = str(source)
   t = trainer_lib.Trainer(config, str(tmp_path / "warm"), jax.devices()[:1])
   state = t.restore_or_init()
   assert t.data.get_state() == t._train_iterator(t.rows).get_state() and int(state["step"]) == 0
@@ -256,15 +264,14 @@ def test_init_from_workdir_copies_params_and_resets_the_rest(stdlib_data_dir, tm
   t.close()
 
 
-def test_init_from_workdir_errors(stdlib_data_dir, tmp_path):
+def test_init_from_workdir_errors(stdlib_data_dir, tmp_path, tiny_lm_run):
   config = tiny_config(stdlib_data_dir)
   config.init.from_workdir = str(tmp_path / "empty")
   with pytest.raises(trainer_lib.ConfigError, match="holds no checkpoint"):
     trainer_lib.Trainer(config, str(tmp_path / "a"), jax.devices()[:1])
-  run(tiny_config(stdlib_data_dir), tmp_path / "source", stop_at_step=2)
   config = tiny_config(stdlib_data_dir)
   config.model.d_ff = 48
-  config.init.from_workdir = str(tmp_path / "source")
+  config.init.from_workdir = str(tiny_lm_run[0])
   with pytest.raises(trainer_lib.ConfigError, match=r"has shape \(32, 64\), this model needs \(32, 48\)"):
     trainer_lib.Trainer(config, str(tmp_path / "b"), jax.devices()[:1])
 
@@ -302,14 +309,11 @@ def test_optimizer_moments_are_sharded_like_their_params(stdlib_data_dir, tmp_pa
   t.close()
 
 
-def test_upcycled_moe_starts_with_the_dense_models_eval_loss(stdlib_data_dir, tmp_path):
-  dense = tiny_config(stdlib_data_dir)
-  t = trainer_lib.Trainer(dense, str(tmp_path / "dense"), jax.devices()[:1])
-  t.run(stop_at_step=4)
-  dense_eval = t.evaluate(t.state)
-  t.close()
+def test_upcycled_moe_starts_with_the_dense_models_eval_loss(stdlib_data_dir, tmp_path,
+                                                              tiny_lm_run):
+  dense_workdir, dense_eval, _ = tiny_lm_run  # its summary holds the eval of its final state
   config = tiny_moe_config(stdlib_data_dir, expert="ffn", router_kwargs={"renormalize": True})
-  config.init.update(from_workdir=str(tmp_path / "dense"), upcycle=True)
+  config.init.update(from_workdir=str(dense_workdir), upcycle=True)
   t = trainer_lib.Trainer(config, str(tmp_path / "moe"), jax.devices()[:1])
   moe_eval = t.evaluate(t.restore_or_init())
   t.close()

@@ -10,7 +10,7 @@ from experiments import trainer as trainer_lib
 from experiments import train as train_main
 from experiments.configs import moe_lm
 
-NUM_STEPS = 20
+NUM_STEPS = 8
 
 
 def tiny_moe_lm(data_dir, expert):

@@ -2,12 +2,12 @@
 another model, a kill -9 during a save, command-line overrides of None fields, preemption."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,6 +16,7 @@ from experiments import metrics as metrics_lib
 from experiments import trainer as trainer_lib
 from tests.experiments.test_trainer import REPO
 from tests.experiments.test_trainer import assert_trees_close
+from tests.experiments.test_trainer import cli_environment
 from tests.experiments.test_trainer import losses
 from tests.experiments.test_trainer import run
 from tests.experiments.test_trainer import saved_steps
@@ -29,8 +30,7 @@ def _cli(data_dir, workdir, *overrides, config="experiments/configs/lm_dense.py"
           "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.max_len=32",
           "--config.train.seq_len=32", "--config.train.batch_size=4",
           "--config.train.eval_batches=1", *overrides]
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(args, cwd=REPO, env=cli_environment(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -40,11 +40,13 @@ def _finish(proc, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def reference(stdlib_data_dir, tmp_path_factory):
-  """An uninterrupted 8-step run: (its final params, its train losses by step)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _, params = run(tiny_config(stdlib_data_dir, log_every=1), workdir)
-  return params, losses(workdir)
+def stopped_at_6(stdlib_data_dir, tmp_path_factory):
+  """A run pre-empted at step 6 with checkpoints every 2 steps, for the tests to copy."""
+  workdir = tmp_path_factory.mktemp("stopped_at_6")
+  config = tiny_config(stdlib_data_dir, log_every=1)
+  config.checkpoint.every = 2
+  run(config, workdir, stop_at_step=6)
+  return workdir
 
 
 def _corrupt_data_file(step_dir):
@@ -66,17 +68,19 @@ def _truncate_metadata(step_dir):
 
 
 def _stray_folder(workdir):
-  """A step folder with nothing of a checkpoint in it, newer than every good step."""
+  """A step folder with nothing of a checkpoint in it, newer than every good step (4)."""
+  shutil.rmtree(workdir / "checkpoints" / "6")
   os.makedirs(workdir / "checkpoints" / "6" / "state")
   (workdir / "checkpoints" / "6" / "state" / "junk").write_bytes(b"\x00garbage")
 
 
 @pytest.mark.parametrize("damage", ["random_bytes", "truncated_metadata", "stray_folder"])
 def test_a_damaged_latest_step_is_skipped_for_the_newest_good_one(stdlib_data_dir, tmp_path,
-                                                                    reference, damage, capsys):
+                                                                    stopped_at_6, tiny_lm_run,
+                                                                    damage, capsys):
   config = tiny_config(stdlib_data_dir, log_every=1)
   config.checkpoint.every = 2
-  run(config, tmp_path, stop_at_step=6 if damage != "stray_folder" else 4)
+  shutil.copytree(stopped_at_6, tmp_path, dirs_exist_ok=True)
   if damage == "random_bytes":
     _corrupt_data_file(tmp_path / "checkpoints" / "6")
   elif damage == "truncated_metadata":
@@ -90,14 +94,22 @@ def test_a_damaged_latest_step_is_skipped_for_the_newest_good_one(stdlib_data_di
   assert len(warnings) == 1, out
   assert "resumed from" in out and "at step 4" in out
   assert summary["step"] == 8
-  assert_trees_close(params, reference[0], rtol=1e-6)
+  assert_trees_close(params, tiny_lm_run[2], rtol=1e-6)  # the uninterrupted run's
   assert sorted(r["step"] for r in metrics_lib.read_metrics(str(tmp_path))) == list(range(1, 9))
   assert os.listdir(tmp_path / "unreadable_checkpoints")
 
 
-def test_no_step_restores_is_a_one_line_error(stdlib_data_dir, tmp_path):
-  code, _, stderr = _finish(_cli(stdlib_data_dir, tmp_path, "--config.train.num_steps=2"))
+@pytest.fixture(scope="module")
+def cli_run_of_2_steps(stdlib_data_dir, tmp_path_factory):
+  """The workdir of a finished 2-step command-line run, for the tests to copy."""
+  workdir = tmp_path_factory.mktemp("cli_run_of_2_steps")
+  code, _, stderr = _finish(_cli(stdlib_data_dir, workdir, "--config.train.num_steps=2"))
   assert code == 0, stderr
+  return workdir
+
+
+def test_no_step_restores_is_a_one_line_error(stdlib_data_dir, tmp_path, cli_run_of_2_steps):
+  shutil.copytree(cli_run_of_2_steps, tmp_path, dirs_exist_ok=True)
   _corrupt_data_file(tmp_path / "checkpoints" / "2")
   code, _, stderr = _finish(_cli(stdlib_data_dir, tmp_path, "--config.train.num_steps=4"))
   assert code == 1, stderr
@@ -105,9 +117,9 @@ def test_no_step_restores_is_a_one_line_error(stdlib_data_dir, tmp_path):
   assert "Traceback" not in stderr
 
 
-def test_resume_with_another_model_stops_in_five_lines(stdlib_data_dir, tmp_path):
-  code, _, stderr = _finish(_cli(stdlib_data_dir, tmp_path, "--config.train.num_steps=2"))
-  assert code == 0, stderr
+def test_resume_with_another_model_stops_in_five_lines(stdlib_data_dir, tmp_path,
+                                                       cli_run_of_2_steps):
+  shutil.copytree(cli_run_of_2_steps, tmp_path, dirs_exist_ok=True)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["d_model"] == 32
   code, _, stderr = _finish(_cli(stdlib_data_dir, tmp_path, "--config.train.num_steps=4",
                                  "--config.model.d_model=64"))
@@ -144,12 +156,14 @@ def _wait_for_tmp_checkpoint(directory, proc, deadline):
 
 def test_kill_9_during_a_save_resumes_exactly_with_one_record_per_step(stdlib_data_dir, tmp_path):
   common = ["--config.train.num_steps=40", "--config.train.log_every=1",
-            "--config.checkpoint.every=2", "--config.train.eval_every=40"]
-  reference_dir = tmp_path / "reference"
-  code, _, stderr = _finish(_cli(stdlib_data_dir, reference_dir, *common))
+            "--config.train.eval_every=40"]
+  reference_dir = tmp_path / "reference"  # uninterrupted: it needs no checkpoint before the end
+  code, _, stderr = _finish(_cli(stdlib_data_dir, reference_dir, *common,
+                                 "--config.checkpoint.every=40"))
   assert code == 0, stderr
   killed_dir = tmp_path / "killed"
-  proc = _cli(stdlib_data_dir, killed_dir, *common)
+  saving = [*common, "--config.checkpoint.every=2"]
+  proc = _cli(stdlib_data_dir, killed_dir, *saving)
   deadline = time.time() + 120
   # Skip the first saves so that the kill lands after some progress, inside a save.
   while time.time() < deadline and len([s for s in saved_steps_or_none(killed_dir)]) < 3:
@@ -158,7 +172,7 @@ def test_kill_9_during_a_save_resumes_exactly_with_one_record_per_step(stdlib_da
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert caught, "no save in progress was seen before the run ended"
-  code, stdout, stderr = _finish(_cli(stdlib_data_dir, killed_dir, *common))
+  code, stdout, stderr = _finish(_cli(stdlib_data_dir, killed_dir, *saving))
   assert code == 0, stderr
   steps = [r["step"] for r in metrics_lib.read_metrics(str(killed_dir))]
   assert steps == list(range(1, 41))
@@ -179,11 +193,12 @@ def test_non_finite_update_is_named(stdlib_data_dir, tmp_path):
     run(config, tmp_path)
 
 
-def test_a_model_that_fits_no_step_moves_nothing(stdlib_data_dir, tmp_path):
-  run(tiny_config(stdlib_data_dir), tmp_path, stop_at_step=4)
+def test_a_model_that_fits_no_step_moves_nothing(stdlib_data_dir, tmp_path, tiny_lm_run):
+  shutil.copytree(tiny_lm_run[0], tmp_path, dirs_exist_ok=True)
   os.remove(tmp_path / "config.json")  # a workdir from before config.json was written
   config = tiny_config(stdlib_data_dir)
   config.model.d_model = 64
   with pytest.raises(ckpt_lib.CheckpointError, match="nothing was moved"):
     run(config, tmp_path)
-  assert saved_steps(tmp_path) == [4] and not os.path.exists(tmp_path / "unreadable_checkpoints")
+  assert saved_steps(tmp_path) == [4, 8]
+  assert not os.path.exists(tmp_path / "unreadable_checkpoints")
