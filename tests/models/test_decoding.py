@@ -82,3 +82,38 @@ def test_undecodable_models_are_clear_errors(overrides, message):
   model = TransformerLM(**{**TINY, **overrides})
   with pytest.raises(ValueError, match=message):
     decoding.prefill(model, {}, jnp.zeros((1, 2), jnp.int32))
+
+
+def test_a_reuse_layer_attends_exactly_to_the_positions_its_select_layer_chose(monkeypatch):
+  model, variables, tokens = _lm()
+  budget = 3
+  _, cache = decoding.prefill(model, variables, tokens[:, :6])
+  chosen, reused = [], []
+  select, attend = decode.select, decode.attend
+
+  def recording_select(*args, **kwargs):
+    chosen.append(select(*args, **kwargs))
+    return chosen[-1]
+
+  def recording_attend(q_BHK, cache, layer, selection="full", budget=None, reuse_idx=None,
+                       **kwargs):
+    out = attend(q_BHK, cache, layer, selection, budget, reuse_idx, **kwargs)
+    if layer == 2:
+      reused.append((reuse_idx, cache, q_BHK, out[0]))
+    return out
+
+  monkeypatch.setattr(decode, "select", recording_select)
+  monkeypatch.setattr(decode, "attend", recording_attend)
+  decoding.decode_step(model, variables, cache, tokens[:, 6], ("full", "select", "reuse"),
+                       "topk", budget)
+  (idx_BHN,), ((reuse_idx, cache, q_BHK, o_BHK),) = chosen, reused
+  np.testing.assert_array_equal(reuse_idx, idx_BHN)
+  # Softmax attention of layer 2's query over exactly those cached positions, in NumPy.
+  k_BHSK, v_BHSK = np.asarray(cache.k_LBHSK[2]), np.asarray(cache.v_LBHSK[2])
+  q_BHK, idx_BHN = np.asarray(q_BHK), np.asarray(idx_BHN)
+  for b in range(q_BHK.shape[0]):
+    for h in range(q_BHK.shape[1]):
+      keys, values = k_BHSK[b, h, idx_BHN[b, h]], v_BHSK[b, h, idx_BHN[b, h]]
+      scores = keys @ q_BHK[b, h] / np.sqrt(q_BHK.shape[-1])
+      p = np.exp(scores - scores.max())
+      np.testing.assert_allclose(o_BHK[b, h], p @ values / p.sum(), rtol=1e-5, atol=1e-6)
