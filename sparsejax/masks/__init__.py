@@ -16,6 +16,9 @@ from sparsejax.masks.condensed import CondensedLinear, condensed_matmul
 from sparsejax.masks.formats import (CSR, Bitmap, bitmap_matmul, csr_matmul, from_bitmap,
                                      from_csr, to_bitmap, to_csr)
 from sparsejax.masks.pixelfly import PixelflyLinear, pixelfly_pattern
+from sparsejax.masks.monarch import (MonarchLinear, monarch_dense, monarch_matmul,
+                                     monarch_shapes)
+from sparsejax.masks.sparse_ift import SparseIFTLayer, sparse_ift_layer, sparse_ift_width
 from sparsejax.masks.schedules import Constant, Cosine, OneShot, Polynomial, Schedule, make_schedule
 from sparsejax.masks.updaters import (NMPGF, NMSRSTE, SET, GroupLasso, HyperSparse, LeafInputs,
                                       Magnitude, MaskUpdate, RigL, SparseMomentum, SRigL,
