@@ -13,9 +13,12 @@ import optax
 
 from sparsejax import masks
 from sparsejax import memory
+from sparsejax.memory import sparse_optim
 
 # The random initial mask draws from fold_in(PRNGKey(config.seed), MASK_RNG_STREAM).
 MASK_RNG_STREAM = 1
+# How `make_optimizer` updates product-key memory value tables (config.train.memory_values).
+MEMORY_VALUES = ("dense", "sparse")
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
@@ -24,6 +27,9 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
 
   With `memory_value_learning_rate`, product-key memory value tables get their own AdamW whose
   schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
+  `memory_values`: "dense" (that AdamW) or "sparse": the value tables get the lazy row-wise
+  AdamW of `sparsejax.memory.sparse_optim.row_adamw` on at most `memory_value_rows` rows per step
+  (same betas, weight decay and value schedule), so their update costs O(rows read x D).
   The warmup is capped at num_steps - 1 so that short runs still decay.
   """
   schedule = optax.warmup_cosine_decay_schedule(
@@ -36,12 +42,33 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   make_adamw = lambda lr: optax.adamw(lr, b1=train.b1, b2=train.b2,
                                       weight_decay=train.weight_decay, mask=decay_mask)
-  if train.memory_value_learning_rate is None:
+  value_schedule = schedule
+  if train.memory_value_learning_rate is not None:
+    ratio = train.memory_value_learning_rate / train.learning_rate
+    value_schedule = lambda step: ratio * schedule(step)
+  memory_values = train.get("memory_values", "dense")
+  if memory_values not in MEMORY_VALUES:
+    raise ValueError(f"config.train.memory_values={memory_values!r}; allowed: {MEMORY_VALUES}")
+  if memory_values == "sparse":
+    value_tx = sparse_optim.row_adamw(value_schedule, _value_rows(train), b1=train.b1,
+                                      b2=train.b2, weight_decay=train.weight_decay)
+    update = optax.multi_transform(
+        {memory.optim.DEFAULT_LABEL: make_adamw(schedule), memory.optim.VALUE_LABEL: value_tx},
+        memory.value_lr_labels)
+  elif train.memory_value_learning_rate is None:
     update = make_adamw(schedule)
   else:
-    ratio = train.memory_value_learning_rate / train.learning_rate
-    update = memory.make_memory_optimizer(make_adamw, schedule, lambda step: ratio * schedule(step))
+    update = memory.make_memory_optimizer(make_adamw, schedule, value_schedule)
   return optax.chain(optax.clip_by_global_norm(train.grad_clip), update), schedule
+
+
+def _value_rows(train: ml_collections.ConfigDict) -> int:
+  """The static number of value-table rows the sparse optimizer updates per step, checked."""
+  rows = train.get("memory_value_rows")
+  if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+    raise ValueError(f"config.train.memory_value_rows={rows!r} must be a positive int with "
+                     f"memory_values='sparse' (batch_size x seq_len x heads x k per table)")
+  return rows
 
 
 def _named_entry(section: str, entry: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:

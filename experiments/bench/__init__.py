@@ -3,8 +3,9 @@
 A benchmark is a module `experiments/bench/NAME.py` defining `DESCRIPTION` (one line),
 `BASELINE` (the case every other case is compared against) and
 `run(repeats: int, quick: bool) -> list[dict]`. A row is
-`{"case": str, "median_s": float, "peak_bytes": int | None, ...}`: one measured case, the median
-over `repeats` runs after a warm-up. Ratios are printed against the baseline measured in the
+`{"case": str, "median_s": float, "min_s": float, "max_s": float, "peak_bytes": int | None, ...}`:
+one measured case, the median (and spread) over `repeats` rounds after a warm-up, the cases timed
+interleaved by `timing.interleaved_cases` (round-robin, so load drift hits every case alike). Ratios are printed against the baseline measured in the
 same run, never against stored numbers. Adding the module is all it takes to register it.
 """
 import importlib

@@ -28,6 +28,11 @@ of them), `a2a_MiB_total` over the 8 devices, and `payload` the fraction of sent
 a token (k T_l / (n_ep B)). On fake CPU devices all "devices"
 share the host's cores, so step time measures the extra work of EP (packing, padding, exchange
 copies), not the speed-up of a real mesh.
+
+The cases run on different meshes of the same 8 devices, yet share one process and are timed
+interleaved (`timing.interleaved_cases`: a warm-up round, then `--repeats` rounds of every case
+in turn; median_s, min_s, max_s): each is compiled ahead of time under its own mesh
+(`jax.set_mesh`), and a compiled step needs no mesh in context to run.
 """
 import os
 
@@ -95,7 +100,7 @@ def run(repeats: int, quick: bool) -> list[dict]:
               router_kwargs={"renormalize": True}, expert="swiglu")
   boxed = jax.eval_shape(layers.MoE(**base).init, jax.random.PRNGKey(1), x)["params"]
   params = nn.meta.unbox(jax.jit(layers.MoE(**base).init)(jax.random.PRNGKey(1), x)["params"])
-  rows = []
+  cases, extra = {}, {}
   for name, ep, factor, chunks, expert_parallel in CASES:
     if len(devices) % ep or num_experts % ep:
       continue
@@ -107,8 +112,10 @@ def run(repeats: int, quick: bool) -> list[dict]:
           nn.get_partition_spec(boxed), mesh))
       x_sharded = jax.device_put(x, sharding.logical_to_mesh_sharding(
           jax.sharding.PartitionSpec("batch", "length", "embed"), mesh))
-      row = timing.case(name, _grad_fn(layer), placed, x_sharded, cot, repeats=repeats,
-                        ep=ep, **exchange_stats(num_tokens, d_model, num_experts, ep, factor,
-                                                chunks, len(devices)))
-    rows.append(row)
+    cases[name] = (_grad_fn(layer), (placed, x_sharded, cot), mesh)
+    extra[name] = {"ep": ep, **exchange_stats(num_tokens, d_model, num_experts, ep, factor,
+                                              chunks, len(devices))}
+  rows = timing.interleaved_cases(cases, repeats=repeats)
+  for row in rows:
+    row.update(extra[row["case"]])
   return rows

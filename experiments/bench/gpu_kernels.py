@@ -17,7 +17,9 @@ blocks (each head: the diagonal plus random blocks below it, as `experiments.ben
 --tiny: 10 and 100 % only), its attention_speedup the dense attention's time over its own. TFLOP/s count the useful FLOPs
 only (2 M K N for dense, 2 M Z bk bn for block-sparse, 2 M K N for gmm, three times that
 forward + backward; 4 K per attended (query, key) pair for attention, 3.5 times that forward +
-backward as in FlashAttention-2).
+backward as in FlashAttention-2). All cases are timed interleaved (`timing.interleaved_cases`:
+a warm-up round, then `--repeats` rounds of every case in turn; median_s, min_s, max_s), then
+checked.
 
 `--tiny` runs tiny shapes with the GPU kernels in the Pallas interpreter, on any machine, to
 check the script itself. The module is also a benchmark: `python -m experiments.bench
@@ -66,48 +68,55 @@ def run(repeats: int, quick: bool) -> list[dict]:
   shapes = _TINY if quick else _FULL
   options = dict(implementation="pallas", platform="gpu", interpret=quick)
   rng = np.random.default_rng(0)
-  rows = _matmul_rows(shapes["matmul"], shapes["block"], options, repeats, rng)
-  rows += _gmm_rows(*shapes["gmm"], options, repeats, rng)
-  rows += _attention_rows(*shapes["attention"], options, repeats, rng)
+  specs = _matmul_specs(shapes["matmul"], shapes["block"], options, rng)
+  specs |= _gmm_specs(*shapes["gmm"], options, rng)
+  specs |= _attention_specs(*shapes["attention"], options, rng)
+  rows = timing.interleaved_cases({name: (spec["fn"], spec["args"])
+                                   for name, spec in specs.items()}, repeats=repeats)
+  for row in rows:
+    row.update(_checked(specs[row["case"]], row["median_s"]))
+  dense_attn_s = {r["case"].rsplit("_", 1)[1]: r["median_s"] for r in rows
+                  if r["case"].startswith("dense_attn")}
+  for row in rows:
+    if "attn" in row["case"]:
+      row["attention_speedup"] = dense_attn_s[row["case"].rsplit("_", 1)[1]] / row["median_s"]
   return rows
 
 
-def _matmul_rows(size: int, block: int, options: dict, repeats: int, rng):
+def _matmul_specs(size: int, block: int, options: dict, rng):
   x_MK = _normal(rng, size, size)
   w_KN = _normal(rng, size, size, scale=size ** -0.5)
-  flops = 2 * size ** 3
-  rows = _cases("dense_matmul", jnp.matmul, None, (x_MK, w_KN), flops, repeats)
+  specs = _specs("dense_matmul", jnp.matmul, None, (x_MK, w_KN), 2 * size ** 3)
   for density in DENSITIES:
     schedule = build_block_schedule(random_block_mask(size // block, density, rng))
     blocks_Zkn = _normal(rng, schedule.num_blocks, block, block, scale=size ** -0.5)
     kernel = lambda x, b, s: block_sparse_matmul(x, b, s, **options)
     reference = lambda x, b, s: block_sparse_matmul(x, b, s, implementation="reference")
-    rows += _cases(f"block_sparse_d{round(density * 100)}", kernel, reference,
-                   (x_MK, blocks_Zkn, schedule), 2 * size * schedule.num_blocks * block ** 2,
-                   repeats, density=density)
-  return rows
+    specs |= _specs(f"block_sparse_d{round(density * 100)}", kernel, reference,
+                    (x_MK, blocks_Zkn, schedule), 2 * size * schedule.num_blocks * block ** 2,
+                    density=density)
+  return specs
 
 
-def _gmm_rows(num_rows: int, contract: int, out_dim: int, groups: int, options: dict,
-              repeats: int, rng):
+def _gmm_specs(num_rows: int, contract: int, out_dim: int, groups: int, options: dict, rng):
   args = (_normal(rng, num_rows, contract),
           _normal(rng, groups, contract, out_dim, scale=contract ** -0.5),
           jnp.asarray(random_group_sizes(num_rows, groups, rng)))
   flops = 2 * num_rows * contract * out_dim
   kernel = lambda a, b, s: gmm(a, b, s, **options)
-  return (_cases("gmm", kernel, jax.lax.ragged_dot, args, flops, repeats)
-          + _cases("ragged_dot", jax.lax.ragged_dot, None, args, flops, repeats))
+  return (_specs("gmm", kernel, jax.lax.ragged_dot, args, flops)
+          | _specs("ragged_dot", jax.lax.ragged_dot, None, args, flops))
 
 
-def _attention_rows(seq_len: int, block: int, heads: int, head_dim: int, densities: tuple,
-                    options: dict, repeats: int, rng):
-  """dense_attn and block_sparse_attn_d{N} rows, fwd and fwdbwd (see the module docstring)."""
+def _attention_specs(seq_len: int, block: int, heads: int, head_dim: int, densities: tuple,
+                     options: dict, rng):
+  """dense_attn and block_sparse_attn_d{N} cases, fwd and fwdbwd (see the module docstring)."""
   qkv = tuple(_normal(rng, 1, heads, seq_len, head_dim) for _ in range(3))
   dense = functools.partial(_dense_causal_attention,
                             implementation=None if options["interpret"] else "cudnn")
   grad_options = dict(grads=_attention_forward_backward, backward_flops=2.5)
-  rows = _cases("dense_attn", dense, None, qkv, 4 * head_dim * heads * seq_len * (seq_len + 1) // 2,
-                repeats, **grad_options)
+  specs = _specs("dense_attn", dense, None, qkv,
+                 4 * head_dim * heads * seq_len * (seq_len + 1) // 2, **grad_options)
   kernel = lambda q, k, v, s: block_sparse_attention(q, k, v, s, **options)
   reference = lambda q, k, v, s: block_sparse_attention(q, k, v, s, implementation="reference")
   for density in densities:
@@ -115,13 +124,9 @@ def _attention_rows(seq_len: int, block: int, heads: int, head_dim: int, densiti
     layout = block_layout(causal() & blocks(mask_HRR, block), seq_len, block)
     schedule = build_attention_schedule(layout.tile, layout.tiles, seq_len)
     pairs = int(np.asarray(schedule.tiles_Uqk)[np.asarray(schedule.tile_Z)].sum())
-    rows += _cases(f"block_sparse_attn_d{round(density * 100)}", kernel, reference,
-                   (*qkv, schedule), 4 * head_dim * pairs, repeats, density=density,
-                   **grad_options)
-  dense_s = {r["case"].rsplit("_", 1)[1]: r["median_s"] for r in rows[:2]}
-  for row in rows:
-    row["attention_speedup"] = dense_s[row["case"].rsplit("_", 1)[1]] / row["median_s"]
-  return rows
+    specs |= _specs(f"block_sparse_attn_d{round(density * 100)}", kernel, reference,
+                    (*qkv, schedule), 4 * head_dim * pairs, density=density, **grad_options)
+  return specs
 
 
 def _dense_causal_attention(q_BHTK, k_BHTK, v_BHTK, implementation):
@@ -141,24 +146,27 @@ def _attention_forward_backward(attention: Callable[..., Any]) -> Callable[..., 
   return run
 
 
-def _cases(name: str, fn: Callable[..., Any], reference: Callable[..., Any] | None, args: tuple,
-           flops: int, repeats: int, grads: Callable[..., Any] = forward_backward,
-           backward_flops: float = 2.0, **extra) -> list[dict]:
-  """Rows `name`_fwd and `name`_fwdbwd, with TFLOP/s and, given a reference, the max relative
-  error of the outputs (and gradients) against it. `grads(fn)` runs fn forward and backward,
-  whose FLOPs are (1 + backward_flops) times the forward's."""
-  rows = []
-  for suffix, pass_fn, pass_flops in (("fwd", fn, flops),
-                                      ("fwdbwd", grads(fn), (1 + backward_flops) * flops)):
-    row = timing.case(f"{name}_{suffix}", pass_fn, *args, repeats=repeats, **extra)
-    row["tflops"] = pass_flops / row["median_s"] / 1e12
-    if reference is not None:
-      reference_fn = reference if suffix == "fwd" else grads(reference)
-      row["max_rel_err"] = _max_relative_error(jax.jit(pass_fn)(*args),
-                                               jax.jit(reference_fn)(*args))
-      row["ok"] = bool(row["max_rel_err"] <= TOLERANCE)
-    rows.append(row)
-  return rows
+def _specs(name: str, fn: Callable[..., Any], reference: Callable[..., Any] | None, args: tuple,
+           flops: int, grads: Callable[..., Any] = forward_backward,
+           backward_flops: float = 2.0, **extra) -> dict[str, dict]:
+  """Cases `name`_fwd and `name`_fwdbwd: {case: {fn, reference, args, flops, extra}}.
+
+  `grads(fn)` runs fn forward and backward, whose FLOPs are (1 + backward_flops) times the
+  forward's; the reference (if any) is checked against in `_checked`.
+  """
+  return {f"{name}_fwd": dict(fn=fn, reference=reference, args=args, flops=flops, extra=extra),
+          f"{name}_fwdbwd": dict(fn=grads(fn), reference=reference and grads(reference),
+                                 args=args, flops=(1 + backward_flops) * flops, extra=extra)}
+
+
+def _checked(spec: dict, median_s: float) -> dict:
+  """A case's extra columns, TFLOP/s and, given a reference, the max relative error against it."""
+  columns = {**spec["extra"], "tflops": spec["flops"] / median_s / 1e12}
+  if spec["reference"] is not None:
+    error = _max_relative_error(jax.jit(spec["fn"])(*spec["args"]),
+                                jax.jit(spec["reference"])(*spec["args"]))
+    columns.update(max_rel_err=error, ok=bool(error <= TOLERANCE))
+  return columns
 
 
 def _max_relative_error(actual, expected) -> float:

@@ -9,6 +9,8 @@ over that of one dense `[M, K] x [K, N]` matmul (the same FLOPs, the floor for a
 matmul). The kernels run `implementation="auto"`: on CPU the XLA implementation, which at
 100 % density multiplies the densified weight. Targets: block-sparse >= 4x / 2x / 1.2x faster
 than dense at 10 / 25 / 50 % and within 1.2x of it at 100 %; gmm >= 10x faster than ragged_dot.
+All cases (and the same-FLOPs dense matmul) are timed interleaved (`timing.interleaved_cases`:
+a warm-up round, then `--repeats` rounds of every case in turn; median_s, min_s, max_s).
 
     python -m experiments.bench kernels [--json FILE] [--repeats N] [--quick]
 """
@@ -33,6 +35,8 @@ TARGETS = {"block_sparse_d10": 4.0, "block_sparse_d25": 2.0, "block_sparse_d50":
 
 _FULL = {"matmul": 2048, "block": 128, "gmm": (8192, 256, 512, 32)}
 _QUICK = {"matmul": 256, "block": 32, "gmm": (512, 32, 64, 8)}
+# Timed with the others for gmm's time_vs_same_flops_dense; not reported as a row.
+SAME_FLOPS_DENSE = "dense_matmul_same_flops_as_gmm"
 
 
 def forward_backward(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
@@ -58,51 +62,53 @@ def random_group_sizes(rows: int, groups: int, rng: np.random.Generator) -> np.n
 
 
 def run(repeats: int, quick: bool) -> list[dict]:
-  """The dense, block-sparse, gmm and ragged_dot rows (see the module docstring)."""
+  """The dense, block-sparse, gmm and ragged_dot rows (see the module docstring), all timed
+  interleaved."""
   shapes = _QUICK if quick else _FULL
   rng = np.random.default_rng(0)
-  rows = _block_sparse_rows(shapes["matmul"], shapes["block"], repeats, rng)
-  rows += _gmm_rows(*shapes["gmm"], repeats, rng)
-  return rows
+  cases, extra = _block_sparse_cases(shapes["matmul"], shapes["block"], rng)
+  gmm_cases, gmm_extra = _gmm_cases(*shapes["gmm"], rng)
+  rows = timing.interleaved_cases({**cases, **gmm_cases}, repeats=repeats)
+  extra.update(gmm_extra)
+  by_case = {row["case"]: {**row, **extra[row["case"]]} for row in rows}
+  same_flops = by_case.pop(SAME_FLOPS_DENSE)
+  by_case["gmm"]["time_vs_same_flops_dense"] = by_case["gmm"]["median_s"] / same_flops["median_s"]
+  return [_with_speedup(row, by_case[row["vs"]]) if "vs" in row else row
+          for row in by_case.values()]
 
 
-def _block_sparse_rows(size: int, block: int, repeats: int, rng: np.random.Generator):
+def _block_sparse_cases(size: int, block: int, rng: np.random.Generator):
+  """({name: (fn, args)}, {name: extra columns}) for the dense and block-sparse matmuls."""
   x_MK = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
   w_KN = jnp.asarray(rng.normal(size=(size, size)) / np.sqrt(size), jnp.float32)
-  dense = timing.case(BASELINE, forward_backward(jnp.matmul), x_MK, w_KN, repeats=repeats,
-                      shape=f"{size}^3", density=1.0)
-  rows = [dense]
+  cases = {BASELINE: (forward_backward(jnp.matmul), (x_MK, w_KN))}
+  extra = {BASELINE: {"shape": f"{size}^3", "density": 1.0}}
   for density in DENSITIES:
     schedule = build_block_schedule(random_block_mask(size // block, density, rng))
     blocks_Zkn = jnp.asarray(rng.normal(size=(schedule.num_blocks, block, block)) / np.sqrt(size),
                              jnp.float32)
     name = f"block_sparse_d{round(density * 100)}"
-    row = timing.case(name, forward_backward(block_sparse_matmul), x_MK, blocks_Zkn, schedule,
-                      repeats=repeats, shape=f"{size}^3 / {block}x{block}", density=density)
-    rows.append(_with_speedup(row, dense))
-  return rows
+    cases[name] = (forward_backward(block_sparse_matmul), (x_MK, blocks_Zkn, schedule))
+    extra[name] = {"shape": f"{size}^3 / {block}x{block}", "density": density, "vs": BASELINE}
+  return cases, extra
 
 
-def _gmm_rows(num_rows: int, contract: int, out_dim: int, groups: int, repeats: int,
-              rng: np.random.Generator):
+def _gmm_cases(num_rows: int, contract: int, out_dim: int, groups: int,
+               rng: np.random.Generator):
+  """The gmm, ragged_dot and same-FLOPs dense matmul cases, as `_block_sparse_cases`."""
   lhs_MK = jnp.asarray(rng.normal(size=(num_rows, contract)), jnp.float32)
   rhs_GKN = jnp.asarray(rng.normal(size=(groups, contract, out_dim)) / np.sqrt(contract),
                         jnp.float32)
   group_sizes_G = jnp.asarray(random_group_sizes(num_rows, groups, rng))
-  shape = f"M={num_rows} K={contract} N={out_dim} G={groups}"
-  ragged = timing.case("ragged_dot", forward_backward(jax.lax.ragged_dot), lhs_MK, rhs_GKN,
-                       group_sizes_G, repeats=repeats, shape=shape)
-  ours = timing.case("gmm", forward_backward(gmm), lhs_MK, rhs_GKN, group_sizes_G,
-                     repeats=repeats, shape=shape)
-  dense_s = timing.time_jitted(jax.jit(forward_backward(jnp.matmul)), lhs_MK, rhs_GKN[0],
-                               repeats=repeats)
-  ours["time_vs_same_flops_dense"] = ours["median_s"] / dense_s
-  return [_with_speedup(ours, ragged), ragged]
+  shape = {"shape": f"M={num_rows} K={contract} N={out_dim} G={groups}"}
+  cases = {"gmm": (forward_backward(gmm), (lhs_MK, rhs_GKN, group_sizes_G)),
+           "ragged_dot": (forward_backward(jax.lax.ragged_dot), (lhs_MK, rhs_GKN, group_sizes_G)),
+           SAME_FLOPS_DENSE: (forward_backward(jnp.matmul), (lhs_MK, rhs_GKN[0]))}
+  return cases, {"gmm": {**shape, "vs": "ragged_dot"}, "ragged_dot": shape, SAME_FLOPS_DENSE: {}}
 
 
 def _with_speedup(row: dict, baseline: dict) -> dict:
   """The row plus its speedup over `baseline`, the target and whether it is met."""
   speedup = baseline["median_s"] / row["median_s"]
   target = TARGETS[row["case"]]
-  return {**row, "vs": baseline["case"], "speedup": speedup, "target": target,
-          "met": bool(speedup >= target)}
+  return {**row, "speedup": speedup, "target": target, "met": bool(speedup >= target)}

@@ -17,13 +17,18 @@ output, a constant fan-in mask as SRigL trains; `--quick`: 512 -> 512):
   packed bit mask). `median_s` is the save time; `disk_bytes` the bytes on disk;
   `bytes_vs_dense` and `bytes_vs_dense_masked` the ratios.
 
+Timing is interleaved (`timing.interleaved_cases` / `interleaved_calls`: a warm-up round, then
+rounds of every case in turn; median_s, min_s, max_s): the dense and condensed cases of one
+batch together (20x `--repeats` rounds at B = 1, whose cases take well under a millisecond), and
+the three checkpoint saves together (min(`--repeats`, 3) rounds, each save into a fresh
+directory).
+
 Lasby et al. 2023 (SRigL) report 3.4x over dense for online inference (B = 1) on CPU.
 """
+import itertools
 import os
-import statistics
 import tempfile
-import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,28 +75,22 @@ def _matmul_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
   for batch in BATCHES:
     x_BI = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, features)), jnp.float32)
     reps = repeats * (SMALL_BATCH_REPEAT_FACTOR if batch <= condensed.GATHER_MAX_BATCH else 1)
+    dense, sparse = timing.interleaved_cases({
+        f"dense_b{batch}": (dense_forward, (x_BI, w_IO)),
+        f"condensed_b{batch}": (condensed_forward, (x_BI, values_OK, idx_OK)),
+    }, repeats=reps)
     path = "gather" if batch <= condensed.GATHER_MAX_BATCH else "densify"
-    dense = timing.case(f"dense_b{batch}", dense_forward, x_BI, w_IO, repeats=reps,
-                        batch=batch, path="dense")
-    sparse = timing.case(f"condensed_b{batch}", condensed_forward, x_BI, values_OK, idx_OK,
-                         repeats=reps, batch=batch, path=path)
-    sparse["speedup_vs_dense_same_batch"] = dense["median_s"] / sparse["median_s"]
-    dense["speedup_vs_dense_same_batch"] = 1.0
+    dense.update(batch=batch, path="dense", speedup_vs_dense_same_batch=1.0)
+    sparse.update(batch=batch, path=path,
+                  speedup_vs_dense_same_batch=dense["median_s"] / sparse["median_s"])
     rows += [dense, sparse]
   return rows
 
 
-def _timed_save(save, repeats: int) -> tuple[float, int]:
-  """(median save seconds, bytes on disk) of `save(directory)` into fresh directories."""
-  times, size = [], 0
-  with tempfile.TemporaryDirectory() as root:
-    for r in range(max(1, min(repeats, 3))):
-      directory = os.path.join(root, f"run{r}")
-      start = time.perf_counter()
-      save(directory)
-      times.append(time.perf_counter() - start)
-      size = export.directory_bytes(directory)
-  return statistics.median(times), size
+def _fresh_directory_save(save: Callable[[str], Any], root: str) -> Callable[[], Any]:
+  """`save` into root/0, root/1, ...: a fresh directory on every call."""
+  counter = itertools.count()
+  return lambda: save(os.path.join(root, str(next(counter))))
 
 
 def _checkpoint_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
@@ -109,15 +108,18 @@ def _checkpoint_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]
       checkpointer.wait_until_finished()
     return save
 
-  cases = [
-      ("checkpoint_dense", save_dense({"layer": {"bias": bias_O, "kernel": layer["w"]}})),
-      ("checkpoint_dense_masked", save_dense(masked)),
-      ("checkpoint_sparse", lambda directory: export.save_sparse(directory, masked, mask)),
-  ]
-  rows = []
-  for name, save in cases:
-    median_s, size = _timed_save(save, repeats)
-    rows.append({"case": name, "median_s": median_s, "peak_bytes": None, "disk_bytes": size})
+  saves = {
+      "checkpoint_dense": save_dense({"layer": {"bias": bias_O, "kernel": layer["w"]}}),
+      "checkpoint_dense_masked": save_dense(masked),
+      "checkpoint_sparse": lambda directory: export.save_sparse(directory, masked, mask),
+  }
+  with tempfile.TemporaryDirectory() as root:
+    rows = timing.interleaved_calls(
+        {name: _fresh_directory_save(save, os.path.join(root, name))
+         for name, save in saves.items()}, repeats=max(1, min(repeats, 3)))
+    for row in rows:
+      row.update(peak_bytes=None,
+                 disk_bytes=export.directory_bytes(os.path.join(root, row["case"], "0")))
   by_case = {row["case"]: row["disk_bytes"] for row in rows}
   for row in rows:
     row["bytes_vs_dense"] = row["disk_bytes"] / by_case["checkpoint_dense"]

@@ -4,8 +4,10 @@
 
 Shape: T = 4096 tokens, d = 256, E = 32 experts of hidden f = 512, top-2, GELU experts, fp32
 (`--quick`: T = 256, d = 32, E = 4, f = 64). Every case is one jitted call returning the
-gradients of sum(y * cotangent) w.r.t. the input and all weights. All MoE cases route with the
-same `route_top_k` (renormalised gates); they differ in how tokens reach the experts:
+gradients of sum(y * cotangent) w.r.t. the input and all weights; the five cases are timed
+interleaved (`timing.interleaved_cases`: one warm-up round, then `--repeats` rounds of every case
+in turn; median_s with min_s / max_s as the spread). All MoE cases route with the same
+`route_top_k` (renormalised gates); they differ in how tokens reach the experts:
 
 * `moe_dropless`: `sparsejax.moe.MoE`, capacity None: sort by expert, grouped matmul
   (`kernels.gmm.gmm`, XLA path on CPU), unsort.
@@ -47,10 +49,10 @@ def _grad_fn(apply_fn):
   return jax.grad(loss, argnums=(0, 1))
 
 
-def _module_case(name, module, x_BTD, cot, repeats, **extra):
+def _module_fn(module, x_BTD):
+  """(apply_fn, params) of a Flax module whose apply returns (y, aux)."""
   params = module.init(jax.random.PRNGKey(1), x_BTD)["params"]
-  apply_fn = lambda p, x: module.apply({"params": p}, x)[0]
-  return timing.case(name, _grad_fn(apply_fn), params, x_BTD, cot, repeats=repeats, **extra)
+  return (lambda p, x: module.apply({"params": p}, x)[0]), params
 
 
 def _expert_ffn(x, params, matmul):
@@ -91,10 +93,6 @@ def ragged_dot_moe(params, x_BTD):
   return dispatch_lib.combine(y_RD, plan).reshape(batch, length, d_model)
 
 
-def _function_case(name, fn, params, x_BTD, cot, repeats):
-  return timing.case(name, _grad_fn(fn), params, x_BTD, cot, repeats=repeats)
-
-
 def run(repeats: int, quick: bool) -> list[dict]:
   shape = QUICK if quick else FULL
   tokens, d_model, num_experts, d_ff = (shape[k] for k in ("tokens", "d_model", "num_experts",
@@ -109,17 +107,18 @@ def run(repeats: int, quick: bool) -> list[dict]:
   dropless = moe(capacity_factor=None)
   params = nn.meta.unbox(dropless.init(jax.random.PRNGKey(1), x_BTD)["params"])
   active_flops = 3 * 2 * tokens * TOP_K * 2 * d_model * d_ff  # fwd + bwd, two matmuls
-  slow_repeats = max(1, min(repeats, 3))
-  rows = [
-      _module_case("dense_ffn", models.DenseFFN(d_model=d_model, d_ff=TOP_K * d_ff), x_BTD, cot,
-                   repeats, active_gflop=active_flops / 1e9),
-      _module_case("moe_dropless", dropless, x_BTD, cot, repeats),
-      _module_case("moe_capacity", moe(capacity_factor=CAPACITY_FACTOR), x_BTD, cot, repeats),
-      _function_case("onehot_einsum", onehot_einsum_moe, params, x_BTD, cot, slow_repeats),
-      _function_case("ragged_dot", ragged_dot_moe, params, x_BTD, cot, slow_repeats),
-  ]
+  functions = {
+      "dense_ffn": _module_fn(models.DenseFFN(d_model=d_model, d_ff=TOP_K * d_ff), x_BTD),
+      "moe_dropless": _module_fn(dropless, x_BTD),
+      "moe_capacity": _module_fn(moe(capacity_factor=CAPACITY_FACTOR), x_BTD),
+      "onehot_einsum": (onehot_einsum_moe, params),
+      "ragged_dot": (ragged_dot_moe, params),
+  }
+  rows = timing.interleaved_cases(
+      {name: (_grad_fn(fn), (p, x_BTD, cot)) for name, (fn, p) in functions.items()},
+      repeats=repeats)
+  rows[0]["active_gflop"] = active_flops / 1e9
   dropless_s = rows[1]["median_s"]
   for row in rows:
     row["time_vs_moe_dropless"] = row["median_s"] / dropless_s
   return rows
-

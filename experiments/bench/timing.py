@@ -1,4 +1,5 @@
 """Timing and memory helpers shared by the benchmarks."""
+import contextlib
 import statistics
 import time
 from typing import Any, Callable
@@ -6,21 +7,8 @@ from typing import Any, Callable
 import jax
 
 
-def time_jitted(fn: Callable[..., Any], *args, repeats: int = 5, warmup: int = 1) -> float:
-  """Median wall seconds of `fn(*args)` (already jitted), blocking on the result, after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def peak_bytes(fn: Callable[..., Any], *args) -> int | None:
-  """XLA's compiled peak estimate for `jax.jit(fn)(*args)`: arguments + outputs + temporaries."""
-  compiled = jax.jit(fn).lower(*args).compile()
+def compiled_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+  """Arguments + outputs + temporaries - aliased bytes of a compiled executable, if XLA says."""
   stats = compiled.memory_analysis()
   if stats is None:
     return None
@@ -30,33 +18,46 @@ def peak_bytes(fn: Callable[..., Any], *args) -> int | None:
   )
 
 
-def case(name: str, fn: Callable[..., Any], *args, repeats: int, **extra) -> dict[str, Any]:
-  """One benchmark row for `fn(*args)`: median seconds, peak bytes and any extra fields."""
-  jitted = jax.jit(fn)
-  return {
-      "case": name,
-      "median_s": time_jitted(jitted, *args, repeats=repeats),
-      "peak_bytes": peak_bytes(fn, *args),
-      **extra,
-  }
-
-
-def interleaved_cases(cases: dict[str, tuple[Callable[..., Any], tuple]], *, repeats: int,
+def interleaved_calls(calls: dict[str, Callable[[], Any]], *, repeats: int,
                       warmup: int = 1) -> list[dict[str, Any]]:
-  """One row per case `{name: (fn, args)}`, timed round-robin so load drift hits every case alike.
+  """One row per call `{name: fn}`, timed round-robin so load drift hits every call alike.
 
-  Each round runs every case once (jitted, blocking on the result); a row holds the median over
-  `repeats` rounds after `warmup` rounds, with min_s and max_s as the spread, and XLA's peak
-  bytes estimate.
+  Each round runs every call once, in order; a row holds the median wall seconds over `repeats`
+  rounds after `warmup` rounds, with min_s and max_s as the spread.
   """
-  jitted = {name: jax.jit(fn) for name, (fn, _) in cases.items()}
-  times: dict[str, list[float]] = {name: [] for name in cases}
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats} must be >= 1")
+  times: dict[str, list[float]] = {name: [] for name in calls}
   for round_index in range(warmup + repeats):
-    for name, (_, args) in cases.items():
+    for name, call in calls.items():
       start = time.perf_counter()
-      jax.block_until_ready(jitted[name](*args))
+      call()
       if round_index >= warmup:
         times[name].append(time.perf_counter() - start)
-  return [{"case": name, "median_s": statistics.median(times[name]), "min_s": min(times[name]),
-           "max_s": max(times[name]), "peak_bytes": peak_bytes(fn, *args)}
-          for name, (fn, args) in cases.items()]
+  return [{"case": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
+          for name, t in times.items()]
+
+
+def interleaved_cases(cases: dict[str, tuple], *, repeats: int,
+                      warmup: int = 1) -> list[dict[str, Any]]:
+  """One row per case `{name: (fn, args)}` or `{name: (fn, args, mesh)}`, timed round-robin.
+
+  Each case is compiled ahead of time (under `jax.set_mesh(mesh)` when a mesh is given, so cases
+  on different meshes share the rounds), then `interleaved_calls` runs every executable once per
+  round, blocking on its result. A row holds median_s, min_s, max_s over `repeats` rounds after
+  `warmup` rounds, and XLA's peak bytes estimate.
+  """
+  compiled = {}
+  for name, (fn, args, *mesh) in cases.items():
+    with jax.set_mesh(mesh[0]) if mesh else contextlib.nullcontext():
+      compiled[name] = jax.jit(fn).lower(*args).compile()
+  rows = interleaved_calls(
+      {name: _blocking_call(compiled[name], args) for name, (_, args, *_) in cases.items()},
+      repeats=repeats, warmup=warmup)
+  for row in rows:
+    row["peak_bytes"] = compiled_peak_bytes(compiled[row["case"]])
+  return rows
+
+
+def _blocking_call(compiled: jax.stages.Compiled, args: tuple) -> Callable[[], Any]:
+  return lambda: jax.block_until_ready(compiled(*args))

@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   # Product-key memory value tables' own peak learning rate (same schedule); None = learning_rate.
   c.train.memory_value_learning_rate = config_dict.placeholder(float)
+  # Memory value tables: "dense" AdamW, or "sparse" lazy row-wise AdamW on the rows read
+  # (sparsejax.memory.sparse_optim) with a static memory_value_rows rows per step and table
+  # (batch_size x seq_len x heads x k, times the layers sharing a table).
+  c.train.memory_values = "dense"
+  c.train.memory_value_rows = config_dict.placeholder(int)
   c.train.log_every = 50
   c.train.eval_every = 100
   c.train.eval_batches = 16

@@ -1,18 +1,11 @@
 """The benchmark harness: timing rows, ratio table, unknown names."""
+import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments import bench
 from experiments.bench import __main__ as bench_main
 from experiments.bench import timing
-
-
-def test_case_row_has_median_and_peak_bytes():
-  x = jnp.ones((64, 64), jnp.float32)
-  row = timing.case("matmul", lambda a: a @ a, x, repeats=3, flops=2 * 64**3)
-  assert row["case"] == "matmul" and row["flops"] == 2 * 64**3
-  assert row["median_s"] > 0
-  assert row["peak_bytes"] >= 2 * 64 * 64 * 4  # the argument and the output
 
 
 def test_table_prints_ratios_against_the_baseline():
@@ -45,3 +38,28 @@ def test_interleaved_cases_time_every_case_each_round():
   assert [r["case"] for r in rows] == ["a", "b"] and calls[:2] == ["a", "b"]
   for r in rows:
     assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["peak_bytes"] >= 64
+
+
+def test_interleaved_calls_run_round_robin_after_warmup():
+  order = []
+  rows = timing.interleaved_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                  repeats=2, warmup=1)
+  assert order == ["a", "b"] * 3
+  assert [r["case"] for r in rows] == ["a", "b"]
+  for r in rows:
+    assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+  with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
+    timing.interleaved_calls({"a": lambda: None}, repeats=0)
+
+
+def test_interleaved_cases_compile_each_case_under_its_own_mesh():
+  seen = []
+  def fn(x):
+    seen.append(dict(jax.sharding.get_abstract_mesh().shape))  # at trace time only
+    return x + 1
+  x = jnp.ones((8,))
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  rows = timing.interleaved_cases({"meshed": (fn, (x,), mesh), "plain": (fn, (x,))}, repeats=2)
+  assert seen == [{"data": 2}, {}]
+  assert [r["case"] for r in rows] == ["meshed", "plain"]
+  assert all(r["peak_bytes"] >= 64 for r in rows)
