@@ -67,7 +67,7 @@ class Bitmap:
 
 
 def to_csr(w_IO: Any, mask_IO: Any, capacity: int | None = None) -> CSR:
-  """The CSR of the kept entries of w (host-side NumPy); capacity defaults to nnz."""
+  """The CSR of the kept entries of w (host-side NumPy); capacity defaults to max(nnz, 1)."""
   w_IO, mask_IO = _check_dense(w_IO, mask_IO)
   inputs, outputs = w_IO.shape
   capacity = _check_capacity(mask_IO, capacity)
@@ -95,7 +95,8 @@ def from_csr(csr: CSR) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_bitmap(w_IO: Any, mask_IO: Any, capacity: int | None = None) -> Bitmap:
-  """The bitmap layout of the kept entries of w (host-side NumPy); capacity defaults to nnz."""
+  """The bitmap layout of the kept entries of w (host-side NumPy); capacity defaults to
+  max(nnz, 1)."""
   w_IO, mask_IO = _check_dense(w_IO, mask_IO)
   capacity = _check_capacity(mask_IO, capacity)
   kept = w_IO.T[mask_IO.T]
@@ -181,9 +182,9 @@ def _check_dense(w_IO: Any, mask_IO: Any) -> tuple[np.ndarray, np.ndarray]:
 def _check_capacity(mask_IO: np.ndarray, capacity: int | None) -> int:
   nnz = int(mask_IO.sum())
   if capacity is None:
-    return nnz
-  if capacity < nnz:
-    raise ValueError(f"capacity={capacity} must be >= the mask's {nnz} kept entries")
+    return max(nnz, 1)  # one padding entry for an empty mask: the gathers need a non-empty array
+  if capacity < max(nnz, 1):
+    raise ValueError(f"capacity={capacity} must be >= the mask's {nnz} kept entries and >= 1")
   return int(capacity)
 
 

@@ -25,13 +25,15 @@ def _check_density(density: float) -> None:
 
 
 def sparse_ift_width(width: int, density: float, multiple: int = 8) -> int:
-  """round(width / sqrt(density)) to the nearest multiple of `multiple` (at least `multiple`):
-  sparse_ift_width(512, 0.25) == 1024."""
+  """round(width / sqrt(density)) to the nearest multiple of `multiple`, but at least `width`
+  rounded up to a multiple: sparse_ift_width(512, 0.25) == 1024, sparse_ift_width(20, 1) == 24."""
   _check_density(density)
   if width < 1 or multiple < 1:
     raise ValueError(f"sparse-IFT width and multiple must be >= 1, got width={width}, "
                      f"multiple={multiple}")
-  return max(multiple, multiple * round(width / math.sqrt(density) / multiple))
+  # Never narrower than the dense layer (else d' > 1 and the FLOPs would not match).
+  return max(multiple * math.ceil(width / multiple),
+             multiple * round(width / math.sqrt(density) / multiple))
 
 
 def sparse_ift_layer(in_features: int, features: int, density: float, *, widen_in: bool = True,
@@ -41,5 +43,5 @@ def sparse_ift_layer(in_features: int, features: int, density: float, *, widen_i
   _check_density(density)
   wide_in = sparse_ift_width(in_features, density, multiple) if widen_in else in_features
   wide_out = sparse_ift_width(features, density, multiple) if widen_out else features
-  iso_density = min(1.0, in_features * features / (wide_in * wide_out))
+  iso_density = in_features * features / (wide_in * wide_out)
   return SparseIFTLayer(wide_in, wide_out, iso_density)

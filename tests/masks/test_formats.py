@@ -88,3 +88,19 @@ def test_bad_inputs_raise():
     formats.csr_matmul(np.zeros((1, 12), np.float32), csr, "dense")
   with pytest.raises(ValueError, match="in_dim=12"):
     formats.csr_matmul(np.zeros((1, 7), np.float32), csr)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_an_empty_mask_gives_zero_outputs_and_gradients(name):
+  to, _, matmul = LAYOUTS[name]
+  w_IO = np.ones((4, 3), np.float32)
+  layout = to(w_IO, np.zeros((4, 3), bool))  # default capacity: one padding entry
+  x_BI = np.ones((2, 4), np.float32)
+  for implementation in ("gather", "densify"):
+    loss = lambda x, v: jnp.sum(matmul(x, layout.replace(values=v), implementation))
+    np.testing.assert_array_equal(matmul(x_BI, layout, implementation), np.zeros((2, 3)))
+    dx_BI, dv_C = jax.grad(loss, argnums=(0, 1))(x_BI, layout.values)
+    np.testing.assert_array_equal(dx_BI, np.zeros((2, 4)))
+    np.testing.assert_array_equal(dv_C, np.zeros(1))
+  with pytest.raises(ValueError, match="capacity=0"):
+    to(w_IO, np.zeros((4, 3), bool), capacity=0)

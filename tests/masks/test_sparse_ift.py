@@ -32,3 +32,11 @@ def test_a_fixed_side_keeps_its_width_and_the_density_absorbs_it():
 def test_rejects_density_outside_unit_interval(density):
   with pytest.raises(ValueError, match=f"density={density}"):
     sparse_ift.sparse_ift_width(64, density)
+
+
+def test_a_width_off_the_multiple_is_never_narrowed_so_the_flops_still_match():
+  # 20 / sqrt(1) = 20 rounds to 16 < 20; widths round up to 24 instead, d' = 400 / 576.
+  assert sparse_ift.sparse_ift_width(20, 1.0) == 24
+  layer = sparse_ift.sparse_ift_layer(20, 20, 1.0)
+  assert layer == (24, 24, pytest.approx(400 / 576))
+  assert layer.density * 24 * 24 == pytest.approx(20 * 20)
