@@ -29,7 +29,11 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
   schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
   `memory_values`: "dense" (that AdamW) or "sparse": the value tables get the lazy row-wise
   AdamW of `sparsejax.memory.sparse_optim.row_adamw` on at most `memory_value_rows` rows per step
-  (same betas, weight decay and value schedule), so their update costs O(rows read x D).
+  (same betas, weight decay and value schedule): moments and decay are computed for those rows
+  only, untouched rows are never changed, but finding the rows and applying the update still
+  pass once over the N x D table (`row_adam_step`, with explicit read indices, is the O(rows read
+  x D) form). Rows beyond `memory_value_rows` in one step get no update, so set it to at least
+  batch x length x heads x k (times the layers sharing a table).
   The warmup is capped at num_steps - 1 so that short runs still decay.
   """
   schedule = optax.warmup_cosine_decay_schedule(
