@@ -204,6 +204,15 @@ def predicted_ffn_gathered(params: Params, x_TD: jax.Array, k: int,
 class _SparseFFN(nn.Module):
   """Fields and helpers shared by TopKFFN and PredictedFFN."""
 
+  d_model: int
+  d_ff: int
+  k: int | None = None
+  active_fraction: float = 0.1
+  activation: str = "gelu"
+  path: str = "auto"
+  gathered_max_tokens: int = 16
+  dtype: Any = jnp.float32
+
   def _check(self, x_BTD: jax.Array, deterministic: bool) -> tuple[int, bool]:
     """(k, whether to take the gathered path), with one-line errors for bad fields. "auto"
     gathers only in deterministic calls (inference), so training always gets the masked path
@@ -261,15 +270,6 @@ class TopKFFN(_SparseFFN):
   on the gathered decode.
   """
 
-  d_model: int
-  d_ff: int
-  k: int | None = None
-  active_fraction: float = 0.1
-  activation: str = "gelu"
-  path: str = "auto"
-  gathered_max_tokens: int = 16
-  dtype: Any = jnp.float32
-
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
     k, gathered = self._check(x_BTD, deterministic)
@@ -307,16 +307,8 @@ class PredictedFFN(_SparseFFN):
   Khaki et al. 2025, "SparseLoRA: Accelerating LLM Fine-Tuning with Contextual Sparsity".
   """
 
-  d_model: int
-  d_ff: int
-  k: int | None = None
-  active_fraction: float = 0.1
   rank: int = 32
   predictor_coeff: float = 1.0
-  activation: str = "gelu"
-  path: str = "auto"
-  gathered_max_tokens: int = 16
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
