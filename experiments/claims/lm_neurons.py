@@ -1,8 +1,8 @@
 """How sparse the default LM's own FFN activations are, and how few neurons a probe needs.
 
-  python -m experiments.claims.lm_neurons [--lm_workdir DIR] [--out DIR]
+  python -m experiments.claims lm_neurons [--fast]
 
-On the default LM (`--lm_workdir`, default /tmp/sparsejax_lm; trained there with
+On the default LM (the quickstart's /tmp/sparsejax_lm; trained there with
 experiments/configs/lm_dense.py first when it holds no finished run, ~5 min on an idle 2-core
 CPU) this runs `python -m experiments.neuron_stats` over 256 eval windows and reports per layer
 the fraction of FFN hidden units that fire (> 0.01) per token, the near-zero fraction
@@ -11,16 +11,16 @@ best token / bigram / positional neuron scores (Voita et al. 2023, "Neurons in L
 Models: Dead, N-gram, Positional"). It then fits k-sparse logistic probes (Gurnee et al. 2023,
 "Finding Neurons in a Haystack") on layer 1's hidden units for three byte-level labels, on the
 first half of 64 eval windows, and reports held-out accuracy on the second half for k = 1, 4, 16
-against the majority-class baseline. Writes DIR/lm_neurons.{json,md}, DIR defaulting to
-experiments/claims/results. About 1 minute once the LM exists.
+against the majority-class baseline. About 1 minute once the LM exists. The LM is
+deterministic, so there is one seed. `--fast`: a 2-step LM of width 32 and 32 windows.
 """
-import argparse
-import os
 import tempfile
+from typing import Sequence
 
 import numpy as np
 
 from experiments import claims
+from experiments.claims import lm_runs
 from experiments import data as data_lib
 from experiments import neuron_stats as neuron_stats_lib
 from experiments.tasks import sae as sae_task
@@ -71,7 +71,15 @@ def probe_rows(lm_workdir: str) -> list[dict]:
   return rows
 
 
-def table(layers: list[dict], probe_results: list[dict]) -> str:
+def run(seeds: Sequence[int], fast: bool) -> dict:
+  """Neuron statistics per FFN layer and the probes; `seeds` is unused (the LM is fixed)."""
+  with lm_runs.default_lm(fast) as lm_workdir, tempfile.TemporaryDirectory() as workdir:
+    summary = neuron_stats_lib.neuron_stats(lm_workdir, workdir, windows=32 if fast else 256)
+    return {"layers": layer_rows(summary), "probes": probe_rows(lm_workdir)}
+
+
+def table(payload: dict) -> str:
+  layers, probe_results = payload["layers"], payload["probes"]
   lines = ["| site | firing (> 0.01) | near-zero (abs <= 0.01) | dead | always-on | best token "
            "/ bigram score | best positional (bits) |",
            "|---|---:|---:|---:|---:|---:|---:|"]
@@ -83,24 +91,50 @@ def table(layers: list[dict], probe_results: list[dict]) -> str:
             "|---|---:|" + "---:|" * len(PROBE_KS)]
   lines += [f"| {r['label']} | {r['majority']:.3f} | "
             + " | ".join(f"{r[f'k{k}']:.3f}" for k in PROBE_KS) + " |" for r in probe_results]
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.claims.lm_neurons",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--lm_workdir", default="/tmp/sparsejax_lm")
-  parser.add_argument("--out", default=claims.RESULTS_DIR)
-  args = parser.parse_args(argv)
-  with tempfile.TemporaryDirectory() as workdir:
-    summary = neuron_stats_lib.neuron_stats(args.lm_workdir, workdir)
-  layers, probe_results = layer_rows(summary), probe_rows(args.lm_workdir)
-  payload = {"lm_workdir": os.path.abspath(args.lm_workdir), "layers": layers,
-             "probes": probe_results}
-  claims.write_results(args.out, "lm_neurons", payload, table(layers, probe_results))
-  print(table(layers, probe_results))
-  return 0
+def judge(payload: dict) -> tuple[str, str]:
+  """Yes when a minority of the hidden units fire per token in every layer (activation
+  sparsity) and a 16-neuron probe beats the majority class on "in_word" by 10 points."""
+  firing = [r["firing_fraction"] for r in payload["layers"]]
+  in_word = next(r for r in payload["probes"] if r["label"] == "in_word")
+  sparse, probe = max(firing) < 0.5, in_word["k16"] > in_word["majority"] + 0.1
+  reproduced = "yes" if sparse and probe else "partly" if sparse or probe else "no"
+  return reproduced, (f"{min(firing):.1%}-{max(firing):.1%} of the FFN hidden units fire on a "
+                      f"given byte; one neuron tells \"inside a word\" apart "
+                      f"{in_word['k1']:.1%} of the time and 16 do {in_word['k16']:.1%} "
+                      f"(majority class {in_word['majority']:.1%}).")
 
 
-if __name__ == "__main__":
-  raise SystemExit(main())
+def plot(payload: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  for r in payload["probes"]:
+    ax.plot(PROBE_KS, [r[f"k{k}"] for k in PROBE_KS], "o-", label=f"{r['label']} "
+            f"(majority {r['majority']:.2f})")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("neurons in the probe (k)")
+  ax.set_ylabel("held-out accuracy")
+  ax.legend(fontsize=7)
+  ax.set_title(f"k-sparse probes on {PROBE_SITE}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+CLAIM = claims.Claim(
+    name="lm_neurons",
+    title="Neurons of the default LM",
+    source="Li et al. 2023, The Lazy Neuron Phenomenon; Voita et al. 2023, Neurons in LLMs: "
+           "Dead, N-gram, Positional; Gurnee et al. 2023, Finding Neurons in a Haystack",
+    statement="Trained Transformers' FFN activations are sparse (few hidden units fire per "
+              "token), some neurons respond to single tokens, and simple features are readable "
+              "from a handful of neurons.",
+    setup="The default LM's FFN hidden units (512 per layer) over 256 eval windows; k-sparse "
+          "logistic probes on layer 1's hidden units, fit on 32 windows, scored on 32 others.",
+    expected="well under half of the units firing per token; a 16-neuron probe far above the "
+             "majority class",
+    run=run, table=table, judge=judge, plot=plot, default_seeds=1, minutes=1)
