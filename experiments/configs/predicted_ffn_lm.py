@@ -20,7 +20,7 @@ Variants: --config.model.ffn.rank=64, --config.model.ffn.active_fraction=0.25.
 
 Expected on a 2-core CPU: a train step costs about 1.45x lm_dense.py's (measured interleaved on
 a shared machine: the predictor, two top-k and the BCE over 4096 x 512 units per layer), so
-about 4-5 minutes. Measured (`python -m experiments.claims.activation_ffn`,
+about 4-5 minutes. Measured (`python -m experiments.claims activation_ffn`,
 experiments/claims/results/activation_ffn.md, one run): eval/bpb 2.331 against lm_dense.py's
 2.143 and the exact top-k FFN's 2.154 at equal steps; predictor recall 0.69 at the end.
 Liu et al. 2023, "Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time"; Khaki et

@@ -12,7 +12,7 @@ average (decay 0.99) of the queries and keys assigned to them in every training 
 checkpointed with the rest of `model_state`. Logged per layer: attention/attended_fraction,
 attention/routed_fraction (queries inside their cluster's window) and attention/cluster_balance
 (normalised entropy of the cluster sizes, 1 = equal).
-Measured at 400 steps (one run, `python -m experiments.claims.sparse_attention`, on the shared
+Measured at 400 steps (one run, `python -m experiments.claims sparse_attention`, on the shared
 2-core CPU at load average 12-18): eval/bpb 2.097 against dense attention's 2.143 in the same
 sweep (one seed each: treat the gap as within run-to-run noise until repeated); attended
 fraction 0.42 (local window alone: 0.38), routed_fraction 0.70, cluster_balance 0.99 at step

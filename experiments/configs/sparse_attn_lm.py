@@ -12,7 +12,7 @@ Attended fraction (mean over queries of attended / causal keys, logged as
 layer_*/attention/attended_fraction): 0.740 at seq_len 128 (0.59 for the window alone).
 Variants: --config.model.attention.pattern=window|strided|fixed|bigbird|causal (see
 `sparsejax.attention.block_sparse.PATTERNS`).
-Measured at 400 steps (one run, `python -m experiments.claims.sparse_attention`, on the shared
+Measured at 400 steps (one run, `python -m experiments.claims sparse_attention`, on the shared
 2-core CPU at load average 12-18): eval/bpb 2.141 against dense attention's 2.143 in the same
 sweep (lm_dense.py), 8 min 9 s wall (dense: 12 min 18 s, the load varied; an idle 2-core
 CPU runs lm_dense.py in about 3 minutes).

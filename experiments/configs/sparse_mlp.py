@@ -16,7 +16,7 @@ the start) of each layer's kept weights every 50 steps until 75 % of training.
 Expected on a 2-core CPU: 1500 steps of 64 images in under a minute (most of it start-up and
 compilation); eval/accuracy (359 test images) 0.989 dense, 0.975 for RigL at 90 % sparsity and
 0.950 at 98 % (seed 0). The mean ± std over 3 seeds of every method at 90 % and 98 % sparsity,
-`python -m experiments.claims.sparse_mlp`, is in the README's Results section.
+`python -m experiments.claims sparse_mlp`, is in the README's Results section.
 """
 import ml_collections
 

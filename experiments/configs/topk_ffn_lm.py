@@ -11,7 +11,7 @@ Variants: --config.model.ffn.active_fraction=0.25, --config.model.ffn.k=32; the 
 sparsity FFN with a trained low-rank predictor is experiments/configs/predicted_ffn_lm.py.
 
 Expected on a 2-core CPU: a train step costs 1.0x lm_dense.py's (measured interleaved, 1.02x on
-a shared machine), so about 3 minutes. Measured (`python -m experiments.claims.activation_ffn`,
+a shared machine), so about 3 minutes. Measured (`python -m experiments.claims activation_ffn`,
 experiments/claims/results/activation_ffn.md, one run): eval/bpb 2.154 against lm_dense.py's
 2.143 at equal steps, with 10 % of the hidden units per token.
 Makhzani & Frey 2014, "k-Sparse Autoencoders" (top-k activations in the hidden layer).

@@ -1,5 +1,6 @@
 """The claims runner writes a record, a table and a plot per claim; the README's results section
 is what the stored records say."""
+import dataclasses
 import json
 import os
 
@@ -48,12 +49,14 @@ def test_runner_writes_json_table_and_png(tmp_path, monkeypatch):
   assert (tmp_path / "default_lm.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_fast_runs_at_most_two_seeds(tmp_path, monkeypatch):
+def test_fast_runs_one_seed_unless_told(tmp_path, monkeypatch):
   monkeypatch.setattr(claims, "load", lambda name: _fake_claim())
   runner.main(["default_lm", "--fast", "--out", str(tmp_path)])
   record = json.loads((tmp_path / "default_lm.json").read_text())
-  assert record["seeds"] == [0, 1] and record["payload"]["fast"] is True
-  assert record["command"].endswith("--fast")
+  assert record["seeds"] == [0] and record["payload"]["fast"] is True
+  assert record["command"] == "python -m experiments.claims default_lm --seeds 1 --fast"
+  runner.main(["default_lm", "--fast", "--seeds", "2", "--out", str(tmp_path)])
+  assert json.loads((tmp_path / "default_lm.json").read_text())["seeds"] == [0, 1]
 
 
 def test_bad_verdict_is_an_error():
@@ -80,3 +83,18 @@ def test_every_ported_claim_is_registered_and_has_its_text():
     if os.path.exists(path) and "\nCLAIM = " in open(path).read():
       claim = claims.load(name)
       assert claim.name == name and claim.source and claim.statement and claim.expected
+
+
+def test_a_failing_claim_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+  def load(name):
+    claim = _fake_claim()
+    if name == "default_lm":
+      def run(seeds, fast):
+        raise RuntimeError("boom")
+      return dataclasses.replace(claim, run=run)
+    return dataclasses.replace(claim, name=name)
+
+  monkeypatch.setattr(claims, "load", load)
+  assert runner.main(["default_lm", "sparse_mlp", "--out", str(tmp_path)]) == 1
+  assert "failed: default_lm" in capsys.readouterr().err
+  assert (tmp_path / "sparse_mlp.json").exists() and not (tmp_path / "default_lm.json").exists()
