@@ -20,8 +20,6 @@ if "google.colab" in sys.modules:
 FAST = os.environ.get("SPARSEJAX_FAST") == "1"  # small settings for CI
 
 # %%
-import json
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -241,20 +239,20 @@ print(f"rows changed: {len(rows_changed)} (= top_t {TOP_T}); all chosen:",
 # %% [markdown]
 # ## 4. Learning vs forgetting (measured)
 #
-# `python -m experiments.claims.memory_finetune` pretrains a small byte-level LM with a 64² slot
+# `python -m experiments.claims memory_finetune` pretrains a small byte-level LM with a 64² slot
 # memory on a stdlib corpus, then finetunes it on made-up facts with full finetuning, LoRA and
 # sparse memory finetuning at five learning rates each (about 9 minutes on a 2-core CPU). We read
 # its stored results: learning is the bits per byte on the facts, forgetting the bits per byte on
 # the held-out corpus; lower is better on both, so the bottom left is best.
 
 # %%
-with open(os.path.join(claims.RESULTS_DIR, "memory_finetune.json")) as f:
-  result = json.load(f)
-before = result["before"]
+payload = claims.load_result("memory_finetune")["payload"]
+before = payload["before"][0]  # the first seed's runs
+seed_rows = [r for r in payload["rows"] if r["seed"] == before["seed"]]
 print(f"before finetuning: facts {before['new_bpb']:.3f} bpb, "
       f"validation {before['background_bpb']:.3f} bpb")
 print(f"{'method':>14} {'params':>8} {'lr':>6} {'facts bpb':>10} {'valid bpb':>10}")
-for row in result["rows"]:
+for row in seed_rows:
   print(f"{row['method']:>14} {row['trained_params']:>8} {row['lr']:>6} "
         f"{row['new_bpb']:>10.3f} {row['background_bpb']:>10.3f}")
 
@@ -262,7 +260,7 @@ for row in result["rows"]:
 fig, ax = plt.subplots(figsize=(7, 5))
 for method, colour in [("full", "tab:blue"), ("lora", "tab:orange"),
                        ("sparse_memory", "tab:green")]:
-  rows = [r for r in result["rows"] if r["method"] == method]
+  rows = [r for r in seed_rows if r["method"] == method]
   ax.plot([r["new_bpb"] for r in rows], [r["background_bpb"] for r in rows], "o-", color=colour,
           label=f"{method} ({rows[0]['trained_params']:,} params)")
   for r in rows:

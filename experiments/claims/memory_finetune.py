@@ -1,10 +1,11 @@
 """Claim: sparse memory finetuning learns new facts with less forgetting than full or LoRA finetuning.
 
-  python -m experiments.claims.memory_finetune [--pretrain_steps N] [--finetune_steps N] [--out DIR]
+  python -m experiments.claims memory_finetune [--seeds 1] [--fast]
 
+Per seed:
 1. Pretrains a small byte-level LM with a product-key memory in its last block (2 blocks,
    d_model 64, memory N = 64^2 slots, 2 heads x top-8) on the train split of the embedded
-   stdlib corpus (the "background").
+   stdlib corpus (the "background"), from the seed's init and batch order.
 2. Generates a deterministic set of made-up facts ("the zorvat of quelmin is dabrux.", seeded
    syllables, never in the corpus) as the "new data".
 3. From the pretrained params, finetunes on the facts three ways, each with Adam (no decay,
@@ -16,22 +17,25 @@
    * sparse_memory: only the value rows of the top-t memory slots by TF-IDF (reads on the facts
      vs how many of `BACKGROUND_DOCS` pretraining windows read each slot), via
      `sparsejax.memory.finetune.sparse_update`; every other param stays bit-identical.
-4. Reports bits per byte on the facts (learning) and on the stdlib validation split
-   (forgetting) before and after, to `DIR/memory_finetune.json` and `DIR/memory_finetune.md`.
+4. Measures bits per byte on the facts (learning) and on the stdlib validation split
+   (forgetting) before and after. The judge compares forgetting at equal learning: the facts
+   bpb that every method reaches at some learning rate, each method's least forgetting among its
+   runs that reach it.
 
-Measured: 8.6 min wall on a busy shared 2-core CPU (3.3 min of it pretraining). At equal
-learning (facts ~2.2 bpb) sparse memory finetuning forgot +0.39 validation bpb against LoRA's
-+1.62; full finetuning forgot +4.5 bpb or more at every learning rate (table in the README).
+The pretraining loop and LoRA live here, not in the trainer. A full run (one seed, 600
+pretraining and 100 finetuning steps) took 8.6 min wall on a busy shared 2-core CPU (3.3 min of
+it pretraining); `--fast` shrinks the model to one block, pretrains 3 steps and finetunes 2 at
+one rate.
 Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning"; Hu et al. 2021, "LoRA".
 """
-import argparse
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib
 import ml_collections
 import numpy as np
 import optax
@@ -51,11 +55,14 @@ EVAL_BATCHES = 8
 NUM_FACTS = 64
 
 
-def model_config() -> ml_collections.ConfigDict:
+def model_config(fast: bool = False) -> ml_collections.ConfigDict:
+  """2 blocks of width 64, a 64^2-slot memory (2 heads x top-8) in the last; `fast`: one block
+  of width 32 with a 16^2-slot memory."""
+  width, keys, layers = (32, 16, 1) if fast else (64, 64, 2)
   return ml_collections.ConfigDict(dict(
-      d_model=64, num_layers=2, num_heads=2, d_ff=256, max_len=SEQ_LEN,
-      ffn={"name": "pkm", "num_keys": 64, "k": 8, "num_heads": 2, "d_key": 32},
-      ffn_layers=(1,),
+      d_model=width, num_layers=layers, num_heads=2, d_ff=4 * width, max_len=SEQ_LEN,
+      ffn={"name": "pkm", "num_keys": keys, "k": 8, "num_heads": 2, "d_key": width // 2},
+      ffn_layers=(layers - 1,),
   ))
 
 
@@ -104,7 +111,8 @@ def make_bpb(model: nn.Module) -> Callable:
 
 
 def pretrain(model, train_ds, steps: int, seed: int = 0):
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, SEQ_LEN), jnp.int32)))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed),
+                                             jnp.zeros((1, SEQ_LEN), jnp.int32)))
   params = params["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(40, steps - 1), steps, 3e-4)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -196,14 +204,17 @@ def run_finetune(method: str, lr: float, model, params, fact_ds, steps: int,
   return lora_merge(params, trainable) if method == "lora" else trainable
 
 
-def choose_slots(model, params, fact_ds, train_ds) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  """Top-TOP_T slots per value table by TF-IDF: fact reads vs background window frequency."""
+def choose_slots(model, params, fact_ds, train_ds, top_t: int = TOP_T,
+                 background_docs: int = BACKGROUND_DOCS
+                 ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """Top-`top_t` slots per value table by TF-IDF: fact reads vs how many of `background_docs`
+  pretraining windows read each slot."""
   count = jax.jit(lambda p, tokens: finetune.access_counts(model, {"params": p}, tokens))
   facts = fact_ds.windows(np.arange(fact_ds.num_windows))[:, :-1]
   new_counts = count(params, jnp.asarray(facts))
-  background_idx = data_lib.IndexSampler(train_ds.num_windows, 7).indices(0, BACKGROUND_DOCS)
+  background_idx = data_lib.IndexSampler(train_ds.num_windows, 7).indices(0, background_docs)
   per_doc = {}
-  for start in range(0, BACKGROUND_DOCS, 64):
+  for start in range(0, background_docs, 64):
     windows = train_ds.windows(background_idx[start : start + 64])[:, :-1]
     for table, _ in new_counts.items():  # one document per window: count each row separately
       docs = jax.vmap(lambda w: count(params, w[None])[table])(jnp.asarray(windows))
@@ -212,7 +223,7 @@ def choose_slots(model, params, fact_ds, train_ds) -> tuple[dict[str, jax.Array]
   for table, counts_N in new_counts.items():
     background_DN = np.concatenate(per_doc[table])
     scores = finetune.tfidf_scores(counts_N, background_DN)
-    slots[table] = finetune.top_slots(scores, TOP_T)
+    slots[table] = finetune.top_slots(scores, top_t)
     info[table] = {
         "slots_read_by_facts": int(np.sum(np.asarray(counts_N) > 0)),
         "mean_background_doc_frequency": float(np.mean(np.asarray(background_DN) > 0)),
@@ -220,55 +231,51 @@ def choose_slots(model, params, fact_ds, train_ds) -> tuple[dict[str, jax.Array]
   return slots, info
 
 
-def markdown(rows: list[dict[str, Any]], before: dict[str, float]) -> str:
-  lines = [
-      f"Before finetuning: facts {before['new_bpb']:.3f} bpb, stdlib validation "
-      f"{before['background_bpb']:.3f} bpb.",
-      "",
-      "| method | trained params | lr | facts bpb (learning) | validation bpb (forgetting) |",
-      "|---|---|---|---|---|",
-  ]
-  for r in rows:
-    lines.append(
-        f"| {r['method']} | {r['trained_params']:,} | {r['lr']:g} | {r['new_bpb']:.3f} "
-        f"({r['new_bpb'] - before['new_bpb']:+.3f}) | {r['background_bpb']:.3f} "
-        f"({r['background_bpb'] - before['background_bpb']:+.3f}) |"
-    )
-  return "\n".join(lines) + "\n"
+METHODS = ("full", "lora", "sparse_memory")
+PRETRAIN_STEPS = 600
+FINETUNE_STEPS = 100
+# --fast: pretrain / finetune steps, learning rates, slots, background windows, eval batches.
+FAST = {"pretrain_steps": 3, "finetune_steps": 2, "learning_rates": (1e-2,), "top_t": 16,
+        "background_docs": 64, "eval_batches": 1}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--pretrain_steps", type=int, default=600)
-  parser.add_argument("--finetune_steps", type=int, default=100)
-  parser.add_argument("--out", default=claims.RESULTS_DIR)
-  args = parser.parse_args()
+def run_settings(fast: bool) -> dict[str, Any]:
+  """Steps, learning rates, slots, background windows and eval batches of a run."""
+  return dict(FAST) if fast else {
+      "pretrain_steps": PRETRAIN_STEPS, "finetune_steps": FINETUNE_STEPS,
+      "learning_rates": LEARNING_RATES, "top_t": TOP_T, "background_docs": BACKGROUND_DOCS,
+      "eval_batches": EVAL_BATCHES}
+
+
+def run_seed(seed: int, fast: bool) -> tuple[dict, dict, list[dict]]:
+  """(before, slot info, one row per method and learning rate) from one pretrained LM."""
+  settings = run_settings(fast)
   clock = time.perf_counter()
-  model = build_lm(model_config(), vocab_size=data_lib.VOCAB_SIZE)
+  model = build_lm(model_config(fast), vocab_size=data_lib.VOCAB_SIZE)
   train_ds = data_lib.load_windows("python_stdlib", "train", SEQ_LEN)
   eval_ds = data_lib.load_windows("python_stdlib", "validation", SEQ_LEN)
-  background_eval = [
-      {k: jnp.asarray(v) for k, v in b.items()}
-      for b in data_lib.eval_batches(eval_ds, BATCH, EVAL_BATCHES)
-  ]
+  background_eval = [{k: jnp.asarray(v) for k, v in b.items()}
+                     for b in data_lib.eval_batches(eval_ds, BATCH, settings["eval_batches"])]
   fact_ds = windows_dataset(facts_text())
   fact_eval = [batch_of(fact_ds.windows(np.arange(i, min(i + BATCH, fact_ds.num_windows))))
                for i in range(0, fact_ds.num_windows, BATCH)]
   bpb = make_bpb(model)
 
-  params = pretrain(model, train_ds, args.pretrain_steps)
+  params = pretrain(model, train_ds, settings["pretrain_steps"], seed)
   before = {"new_bpb": bpb(params, fact_eval), "background_bpb": bpb(params, background_eval)}
-  print(f"pretrained in {time.perf_counter() - clock:.0f} s: {before}", flush=True)
-  slots, slot_info = choose_slots(model, params, fact_ds, train_ds)
+  print(f"seed {seed} pretrained in {time.perf_counter() - clock:.0f} s: {before}", flush=True)
+  slots, slot_info = choose_slots(model, params, fact_ds, train_ds, settings["top_t"],
+                                  settings["background_docs"])
   lora_params = sum(a.size + b.size for a, b in jax.tree.leaves(
       lora_init(params, model.d_model, LORA_RANK), is_leaf=lambda x: isinstance(x, tuple)))
   trained = {"full": sum(x.size for x in jax.tree.leaves(params)), "lora": lora_params,
-             "sparse_memory": sum(TOP_T * params_at(params, t).shape[1] for t in slots)}
+             "sparse_memory": sum(settings["top_t"] * params_at(params, t).shape[1]
+                                  for t in slots)}
   rows = []
-  for method in ("full", "lora", "sparse_memory"):
-    for lr in LEARNING_RATES:
-      tuned = run_finetune(method, lr, model, params, fact_ds, args.finetune_steps, slots)
-      row = {"method": method, "lr": lr, "trained_params": int(trained[method]),
+  for method in METHODS:
+    for lr in settings["learning_rates"]:
+      tuned = run_finetune(method, lr, model, params, fact_ds, settings["finetune_steps"], slots)
+      row = {"method": method, "lr": lr, "seed": seed, "trained_params": int(trained[method]),
              "new_bpb": bpb(tuned, fact_eval), "background_bpb": bpb(tuned, background_eval)}
       if method == "sparse_memory":  # check: nothing but the chosen rows moved
         moved = jax.tree.map(lambda a, b: int(np.sum(np.any(np.asarray(a) != np.asarray(b),
@@ -277,18 +284,115 @@ def main():
         row["rows_changed"] = int(sum(jax.tree.leaves(moved)))
       print(row, flush=True)
       rows.append(row)
-  result = {
-      "config": {"model": model_config().to_dict(), "pretrain_steps": args.pretrain_steps,
-                 "finetune_steps": args.finetune_steps, "batch": BATCH, "seq_len": SEQ_LEN,
-                 "top_t": TOP_T, "lora_rank": LORA_RANK, "background_docs": BACKGROUND_DOCS,
-                 "num_facts": NUM_FACTS, "fact_bytes": len(facts_text())},
-      "before": before, "slots": slot_info, "rows": rows,
-      "wall_s": time.perf_counter() - clock,
-  }
-  table = markdown(rows, before)
-  claims.write_results(args.out, "memory_finetune", result, table, default=float)
-  print(table)
-  print(f"wall {result['wall_s']:.0f} s")
+  return before, slot_info, rows
+
+
+def run(seeds: Sequence[int], fast: bool) -> dict:
+  """Every seed's before / slots / rows (see the module docstring) and the settings."""
+  config = {"model": model_config(fast).to_dict(), **run_settings(fast), "batch": BATCH,
+            "seq_len": SEQ_LEN, "lora_rank": LORA_RANK, "num_facts": NUM_FACTS,
+            "fact_bytes": len(facts_text())}
+  payload = {"config": config, "before": [], "slots": [], "rows": []}
+  for seed in seeds:
+    before, slot_info, rows = run_seed(seed, fast)
+    payload["before"].append({"seed": seed, **before})
+    payload["slots"].append({"seed": seed, **slot_info})
+    payload["rows"] += rows
+  return payload
+
+
+def forgetting_at_equal_learning(rows: list[dict], before: dict) -> tuple[float, dict[str, float]]:
+  """(L, {method: least validation-bpb increase among its runs with facts bpb <= L}) for one
+  seed's rows, L = the largest of the methods' best facts bpb (a level every method reaches)."""
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  level = max(min(r["new_bpb"] for r in rows if r["method"] == m) for m in methods)
+  return level, {m: min(r["background_bpb"] - before["background_bpb"] for r in rows
+                        if r["method"] == m and r["new_bpb"] <= level) for m in methods}
+
+
+def _per_seed(payload: dict) -> tuple[list[float], dict[str, list[float]]]:
+  """(L per seed, {method: forgetting at L per seed})."""
+  levels, forgetting = [], {}
+  for before in payload["before"]:
+    rows = [r for r in payload["rows"] if r["seed"] == before["seed"]]
+    level, by_method = forgetting_at_equal_learning(rows, before)
+    levels.append(level)
+    for method, value in by_method.items():
+      forgetting.setdefault(method, []).append(value)
+  return levels, forgetting
+
+
+def _signed(values: Sequence[float]) -> str:
+  """`claims.fmt` with a + on a non-negative mean."""
+  return ("+" if np.mean(values) >= 0 else "") + claims.fmt(values)
+
+
+def table(payload: dict) -> str:
+  """Per method and learning rate: facts and validation bpb (change from before), mean ± std."""
+  before = {b["seed"]: b for b in payload["before"]}
+  cells: dict[tuple[str, float], dict[str, list[float]]] = {}
+  for r in payload["rows"]:
+    cell = cells.setdefault((r["method"], r["lr"]), {"params": r["trained_params"], "new": [],
+                                                     "dnew": [], "bg": [], "dbg": []})
+    base = before[r["seed"]]
+    cell["new"].append(r["new_bpb"])
+    cell["dnew"].append(r["new_bpb"] - base["new_bpb"])
+    cell["bg"].append(r["background_bpb"])
+    cell["dbg"].append(r["background_bpb"] - base["background_bpb"])
+  rows = [[m, f"{c['params']:,}", f"{lr:g}", f"{claims.fmt(c['new'])} ({_signed(c['dnew'])})",
+           f"{claims.fmt(c['bg'])} ({_signed(c['dbg'])})"]
+          for (m, lr), c in cells.items()]
+  levels, forgetting = _per_seed(payload)
+  return (f"Before finetuning: facts {claims.fmt([b['new_bpb'] for b in payload['before']])} bpb, "
+          f"stdlib validation {claims.fmt([b['background_bpb'] for b in payload['before']])} bpb."
+          "\n\n" + claims.markdown_table(
+              ["method", "trained params", "lr", "facts bpb (learning)",
+               "validation bpb (forgetting)"], rows)
+          + f"\n\nAt equal learning (facts bpb <= {claims.fmt(levels)}), the least forgetting: "
+          + ", ".join(f"{m} {_signed(v)}" for m, v in forgetting.items()) + " validation bpb.")
+
+
+def judge(payload: dict) -> tuple[str, str]:
+  """Sparse memory forgets less than LoRA and than full at equal learning: yes if both gaps
+  exceed the seed spread and hold in every seed, partly if either holds on average, no
+  otherwise."""
+  levels, forgetting = _per_seed(payload)
+  sparse = forgetting["sparse_memory"]
+  holds, clear = [], []
+  for other in ("lora", "full"):
+    (mean_s, std_s), (mean_o, std_o) = claims.mean_std(sparse), claims.mean_std(forgetting[other])
+    holds.append(mean_s < mean_o)
+    clear.append(mean_o - mean_s > std_s + std_o
+                 and all(s < o for s, o in zip(sparse, forgetting[other])))
+  reproduced = "yes" if all(clear) else "partly" if any(holds) else "no"
+  return reproduced, (
+      f"At equal learning (facts bpb <= {claims.fmt(levels)}, {len(levels)} seed(s)) sparse "
+      f"memory finetuning changed validation bpb by {_signed(sparse)} against LoRA's "
+      f"{_signed(forgetting['lora'])} and full finetuning's {_signed(forgetting['full'])}.")
+
+
+def plot(payload: dict, path: str) -> None:
+  """Validation bpb increase (forgetting) against facts bpb (learning), one line per method and
+  seed through its learning rates."""
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green")))
+  for before in payload["before"]:
+    for method in METHODS:
+      rows = [r for r in payload["rows"] if r["seed"] == before["seed"] and r["method"] == method]
+      ax.plot([r["new_bpb"] for r in rows],
+              [r["background_bpb"] - before["background_bpb"] for r in rows], "o-",
+              color=colours[method], markersize=4,
+              label=method if before is payload["before"][0] else None)
+  ax.set_xlabel("facts bpb after finetuning (learning)")
+  ax.set_ylabel("validation bpb increase (forgetting)")
+  ax.set_title("Learning vs forgetting, one point per learning rate", fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
 
 
 def params_at(params, path: str):
@@ -298,5 +402,20 @@ def params_at(params, path: str):
   return node
 
 
-if __name__ == "__main__":
-  main()
+
+CLAIM = claims.Claim(
+    name="memory_finetune",
+    title="Sparse memory finetuning vs LoRA vs full finetuning",
+    source="Lin et al. 2025, Continual Learning via Sparse Memory Finetuning; Hu et al. 2021, LoRA",
+    statement="Finetuning only the memory-layer value rows that the new data reads unusually often "
+              "(TF-IDF against pretraining) learns new facts with far less forgetting of the "
+              "pretraining data than full finetuning or LoRA.",
+    setup="A 2-block width-64 byte LM with a 64^2-slot product-key memory (2 heads x top-8) in "
+          "its last block, pretrained 600 steps on the stdlib corpus, then finetuned 100 Adam "
+          "steps on 64 made-up facts at five learning rates (1e-3 to 0.1) three ways: every "
+          "parameter, rank-4 LoRA on the attention and dense-FFN matrices, and the top-256 "
+          "TF-IDF memory rows only. Learning: facts bpb; forgetting: stdlib validation bpb "
+          "increase; compared at the facts bpb every method reaches.",
+    expected="sparse memory finetuning forgets less than LoRA, which forgets less than full "
+             "finetuning, at equal learning",
+    run=run, table=table, judge=judge, plot=plot, default_seeds=1, minutes=9)

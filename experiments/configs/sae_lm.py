@@ -16,7 +16,7 @@ Expected on a 2-core CPU: after the LM, about 20 s of harvesting and 2 min of SA
 (9-16 steps/s on the shared machine), ending at eval/fvu 0.049, eval/l0 16, eval/dead_fraction
 0.03 and eval/ce_recovered 0.990 (CE 1.582 with the SAE spliced in, against 1.541 clean and
 5.553 with the site zero-ablated); measured three times (twice by `python -m
-experiments.claims.sae_lm`). `python -m experiments.export_sae --workdir=/tmp/sae_lm --out=DIR`
+experiments.claims sae_lm`). `python -m experiments.export_sae --workdir=/tmp/sae_lm --out=DIR`
 writes the trained SAE in SAELens's layout.
 """
 from experiments.configs import base

@@ -1,7 +1,4 @@
-"""The synthetic SAE claim: its recovery metric on hand cases, and a --quick run end to end."""
-import json
-import os
-
+"""The synthetic SAE claim: its recovery metric, selection, table and judge on hand cases."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,20 +28,41 @@ def test_select_at_equal_l0_keeps_the_closest_sweep_point():
   assert selected == [{"architecture": "relu", "l0": 3.5}, {"architecture": "topk", "l0": 4.0}]
 
 
-def test_quick_mode_writes_the_results(tmp_path):
-  sae_synthetic.main(["--quick", "--out", str(tmp_path)])
-  with open(os.path.join(tmp_path, "sae_synthetic.json")) as f:
-    results = json.load(f)
-  assert [r["architecture"] for r in results["selected"]] == ["topk", "batchtopk", "relu",
-                                                               "jumprelu"]
-  assert len(results["runs"]) == 2 + len(sae_synthetic.QUICK.l1_coeffs) + len(
-      sae_synthetic.QUICK.l0_coeffs)
-  for row in results["runs"]:
-    assert all(np.isfinite(row[name]) for name in ("fvu", "l0", "recovered", "shrinkage"))
-    assert 0.0 <= row["recovered"] <= 1.0
-  np.testing.assert_allclose(results["selected"][0]["l0"], sae_synthetic.QUICK.k)
-  assert set(results["claims"]) == {f"{kind}_{check}" for kind in ("topk", "batchtopk",
-                                                                   "jumprelu")
-                                    for check in ("recovers_over_90pct", "beats_relu_fvu")}
-  with open(os.path.join(tmp_path, "sae_synthetic.md")) as f:
-    assert f.read().count("\n") == 6  # header, rule, four architectures
+def _payload(fvu: dict[str, list[float]], l0: dict[str, float]) -> dict:
+  """Selected rows per architecture and seed with the given FVUs and L0s."""
+  selected = [{"architecture": kind, "coefficient": 0.1, "l0": l0[kind], "fvu": value,
+               "recovered": 1.0, "dead_fraction": 0.0, "shrinkage": 1.0, "seed": seed}
+              for kind, values in fvu.items() for seed, value in enumerate(values)]
+  return {"setup": {}, "runs": selected, "selected": selected, "checks": []}
+
+
+L0 = {"topk": 4.0, "batchtopk": 4.0, "relu": 4.2, "jumprelu": 3.5}
+
+
+def test_judge_yes_when_all_three_beat_relu_beyond_the_spread():
+  reproduced, verdict = sae_synthetic.judge(_payload(
+      {"topk": [0.15, 0.17], "batchtopk": [0.18, 0.18], "relu": [0.38, 0.40],
+       "jumprelu": [0.19, 0.19]}, L0))
+  assert reproduced == "yes"
+  assert "ReLU + L1 0.390 ± 0.014 at L0 4.20" in verdict and "3 of 3" in verdict
+
+
+def test_judge_partly_inside_the_spread_or_at_a_denser_l0_and_no():
+  inside = {"topk": [0.10, 0.50], "batchtopk": [0.5, 0.5], "relu": [0.39, 0.39],
+            "jumprelu": [0.5, 0.5]}
+  assert sae_synthetic.judge(_payload(inside, L0))[0] == "partly"
+  denser = {"topk": [0.1, 0.1], "batchtopk": [0.1, 0.1], "relu": [0.39, 0.39],
+            "jumprelu": [0.1, 0.1]}
+  # JumpReLU at twice ReLU's L0 does not count as a win at equal L0.
+  assert sae_synthetic.judge(_payload(denser, {**L0, "jumprelu": 8.4}))[0] == "partly"
+  worse = {"topk": [0.5, 0.5], "batchtopk": [0.5, 0.5], "relu": [0.39, 0.39],
+           "jumprelu": [0.5, 0.5]}
+  assert sae_synthetic.judge(_payload(worse, L0))[0] == "no"
+
+
+def test_table_cells_are_mean_and_std_over_seeds():
+  text = sae_synthetic.table(_payload(
+      {"topk": [0.15, 0.17], "batchtopk": [0.18, 0.18], "relu": [0.38, 0.40],
+       "jumprelu": [0.19, 0.19]}, L0))
+  assert "| TopK | - | 4.00 ± 0.00 | 0.160 ± 0.014 | 100.0 ± 0.0 | 0 ± 0 | 1.000 ± 0.000 |" in text
+  assert "| ReLU + L1 | 0.1 | 4.20 ± 0.00 | 0.390 ± 0.014 |" in text
