@@ -46,8 +46,8 @@ def table(payload: dict) -> str:
 
 
 def judge(payload: dict) -> tuple[str, str]:
-  """Yes when the top-k FFN costs under COST bits/byte over dense at equal steps; the predicted
-  FFN's cost is reported beside it."""
+  """Yes when both the top-k and the predicted FFN cost under COST bits/byte over dense at equal
+  steps, partly when only the top-k FFN does, no otherwise."""
   bpb = {arm: claims.mean_std(v)[0]
          for arm, v in claims.group(payload["runs"], "arm", "eval_bpb").items()}
   recall = [r["recall"] for r in payload["runs"] if r["recall"] is not None]

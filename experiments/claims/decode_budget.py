@@ -13,7 +13,7 @@ the cached tokens, mean over positions, layers, heads). Policies: "topk" (per he
 layer), "shared" (one set for all heads, every layer, a quarter of the budget kept for the most
 recent tokens, as LessIsMore keeps a local window), "pages" (Quest, pages of 8 tokens, every
 layer; also with the page of the newest token always kept), and "topk" under the TidalDecode plan (layer 0 full, layer 1 full attention that selects,
-layer 2 reuses). The LM is deterministic, so there is one seed. `--fast`: a 2-step LM of width
+layer 2 reuses). The LM is deterministic, so there is one seed. `--fast`: a 2-step 3-block LM of width
 32, 8 windows and budgets 16 and 64.
 Wall time on a shared 2-core CPU: about 3-6 minutes (plus ~5-10 minutes if the LM is trained).
 """

@@ -12,7 +12,7 @@ Models: Dead, N-gram, Positional"). It then fits k-sparse logistic probes (Gurne
 "Finding Neurons in a Haystack") on layer 1's hidden units for three byte-level labels, on the
 first half of 64 eval windows, and reports held-out accuracy on the second half for k = 1, 4, 16
 against the majority-class baseline. About 1 minute once the LM exists. The LM is
-deterministic, so there is one seed. `--fast`: a 2-step LM of width 32 and 32 windows.
+deterministic, so there is one seed. `--fast`: a 2-step 3-block LM of width 32 and 32 windows.
 """
 import tempfile
 from typing import Sequence

@@ -27,6 +27,9 @@ FAST = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model
         "train.warmup_steps": 1, "train.eval_every": 2, "train.log_every": 1,
         "train.eval_batches": 1}
 WINDOWS_128 = {"model.max_len": 128, "train.seq_len": 128}  # FAST sizes over the default windows
+# The FAST-sized default LM: its 3 blocks and 128-byte windows (the TidalDecode plan of
+# decode_budget needs 3 layers, the probes of lm_neurons read layer_1).
+FAST_DEFAULT_LM = {**WINDOWS_128, "model.num_layers": 3}
 _QUIET = {"checkpoint.every": 10**6, "train.plot_expert_load": False}
 DEFAULT_LM_WORKDIR = "/tmp/sparsejax_lm"  # the quickstart's workdir
 DEFAULT_LM_CONFIG = "experiments/configs/lm_dense.py"
@@ -91,12 +94,13 @@ def train_arms(arms: Sequence[tuple[str, Callable[[], ml_collections.ConfigDict]
 def default_lm(fast: bool):
   """Yields the workdir of a finished default LM run: the quickstart's DEFAULT_LM_WORKDIR (which
   `experiments.tasks.sae.load_lm` trains first when it is missing), or with `fast` a 2-step run
-  of the FAST-sized LM (windows of 128 bytes) trained in a scratch workdir."""
+  of the FAST-sized LM with the default's 3 blocks and 128-byte windows (`FAST_DEFAULT_LM`)
+  trained in a scratch workdir."""
   if not fast:
     yield DEFAULT_LM_WORKDIR
     return
   from experiments.configs import lm_dense  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as workdir:
-    config = configure(lm_dense.get_config(), 0, True, fast_overrides=WINDOWS_128)
+    config = configure(lm_dense.get_config(), 0, True, fast_overrides=FAST_DEFAULT_LM)
     trainer.train(config, workdir)
     yield workdir

@@ -28,7 +28,8 @@ def _relative(path: str) -> str:
 def _minutes(seconds: float | None) -> str:
   if seconds is None:
     return "wall time not recorded"
-  return f"{seconds:.0f} s wall" if seconds < 120 else f"{seconds / 60:.0f} min wall"
+  wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+  return f"{wall} wall on the 2-core CPU"
 
 
 def claim_records(results_dir: str = claims.RESULTS_DIR) -> list[dict]:
@@ -47,7 +48,7 @@ def render_claim(record: dict, results_dir: str = claims.RESULTS_DIR) -> str:
            f"*{record['source']}.* {record['statement']}", "",
            f"Setup: {record['setup']} Expected: {record['expected']}. "
            f"`{record['command']}` ({seeds} seed{'s' if seeds > 1 else ''}, "
-           f"{_minutes(record['wall_s'])} on the 2-core CPU, {record['date']}; "
+           f"{_minutes(record['wall_s'])}, {record['date']}; "
            f"[`{stem}.json`]({stem}.json)).", "",
            claim.table(record["payload"]), "",
            f"**Reproduced: {record['reproduced']}.** {record['verdict']}"]

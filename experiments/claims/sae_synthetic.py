@@ -222,24 +222,30 @@ def table(payload: dict) -> str:
 
 def judge(payload: dict) -> tuple[str, str]:
   """Each of TopK / BatchTopK / JumpReLU wins when its mean FVU is below ReLU+L1's by more than
-  the two seed stds together, at a mean L0 at most L0_TOLERANCE x ReLU+L1's: yes if all three
-  win, partly if some do or all are below ReLU+L1 within the spread, no otherwise."""
+  the two seed stds together, at a mean L0 at most L0_TOLERANCE x ReLU+L1's, and its mean
+  fraction of recovered atoms exceeds RECOVERY_TARGET: yes if all three win, partly if some are
+  below ReLU+L1's FVU at a fair L0, no otherwise."""
   fvu = claims.group(payload["selected"], "architecture", "fvu")
   l0 = claims.group(payload["selected"], "architecture", "l0")
+  recovered = claims.group(payload["selected"], "architecture", "recovered")
   relu_fvu, relu_std = claims.mean_std(fvu["relu"])
   relu_l0 = claims.mean_std(l0["relu"])[0]
-  wins, below = {}, {}
+  clear, below, recovers = {}, {}, {}
   for kind in ("topk", "batchtopk", "jumprelu"):
     mean, std = claims.mean_std(fvu[kind])
     fair = claims.mean_std(l0[kind])[0] <= L0_TOLERANCE * relu_l0
     below[kind] = fair and mean < relu_fvu
-    wins[kind] = fair and relu_fvu - mean > relu_std + std
-  reproduced = "yes" if all(wins.values()) else "partly" if any(below.values()) else "no"
+    clear[kind] = fair and relu_fvu - mean > relu_std + std
+    recovers[kind] = claims.mean_std(recovered[kind])[0] > RECOVERY_TARGET
+  reproduced = ("yes" if all(clear[k] and recovers[k] for k in clear) else
+                "partly" if any(below.values()) else "no")
   others = "; ".join(f"{NAMES[k]} {claims.fmt(fvu[k])} at L0 {claims.mean_std(l0[k])[0]:.2f}"
-                     for k in wins)
+                     for k in clear)
+  atoms = ", ".join(f"{NAMES[k]} {100 * claims.mean_std(recovered[k])[0]:.1f} %" for k in NAMES)
   return reproduced, (
       f"FVU ({len(fvu['relu'])} seeds): ReLU + L1 {claims.fmt(fvu['relu'])} at L0 {relu_l0:.2f}; "
-      f"{others}; {sum(wins.values())} of 3 below ReLU + L1 beyond the seed spread.")
+      f"{others}; {sum(clear.values())} of 3 below ReLU + L1 beyond the seed spread. Atoms "
+      f"recovered (mean; target > {100 * RECOVERY_TARGET:.0f} %): {atoms}.")
 
 
 def plot(payload: dict, path: str) -> None:

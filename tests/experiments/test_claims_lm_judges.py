@@ -1,7 +1,11 @@
 """Verdicts of the LM claims on hand-written payloads (their runs train LMs: too slow here)."""
 from experiments.claims import decode_budget
+from experiments.claims import default_lm
 from experiments.claims import lm_neurons
+from experiments.claims import lm_runs
 from experiments.claims import sparse_attention
+from experiments.configs import lm_dense
+from sparsejax.attention import decode
 
 
 def _attention_runs(bpb: dict[str, float]) -> dict:
@@ -52,3 +56,26 @@ def test_lm_neurons_needs_sparse_firing_and_a_good_probe():
   assert lm_neurons.judge(_neurons(0.3, 0.95))[0] == "yes"
   assert lm_neurons.judge(_neurons(0.7, 0.95))[0] == "partly"
   assert lm_neurons.judge(_neurons(0.7, 0.65))[0] == "no"
+
+
+def test_the_fast_default_lm_has_the_layers_that_decode_budget_and_lm_neurons_read():
+  config = lm_runs.configure(lm_dense.get_config(), 0, True,
+                             fast_overrides=lm_runs.FAST_DEFAULT_LM)
+  assert (config.model.num_layers, config.model.d_model, config.train.seq_len,
+          config.train.num_steps) == (3, 32, 128, 2)
+  # decode_budget's TidalDecode plan: layer 0 full, layer 1 selects, layer 2 reuses.
+  assert decode.selection_plan(config.model.num_layers, "tidal", num_full=1) == (
+      "full", "select", "reuse")
+  assert lm_neurons.PROBE_SITE.startswith("layer_1/") and config.model.num_layers > 1
+
+
+def test_default_lm_needs_bpb_under_unigram_and_a_small_seed_range():
+  runs = [{"eval_bpb": value, "steps": 2} for value in (8.0, 8.2)]
+  reproduced, verdict = default_lm.judge({"runs": runs, "corpus": {"unigram_bits": 4.6}})
+  assert reproduced == "no" and "3.50 bits/byte above the unigram entropy" in verdict
+  runs = [{"eval_bpb": value, "steps": 400} for value in (2.14, 2.16)]
+  reproduced, verdict = default_lm.judge({"runs": runs, "corpus": {"unigram_bits": 4.6}})
+  assert reproduced == "partly" and "2.45 bits/byte under the unigram entropy" in verdict
+  runs = [{"eval_bpb": value, "steps": 400} for value in (2.144, 2.148, 2.146)]
+  reproduced, verdict = default_lm.judge({"runs": runs, "corpus": {"unigram_bits": 4.6}})
+  assert reproduced == "yes" and "2.146 ± 0.002 over 3 seeds (range 0.004)" in verdict

@@ -45,6 +45,17 @@ def test_judge_yes_when_all_three_beat_relu_beyond_the_spread():
        "jumprelu": [0.19, 0.19]}, L0))
   assert reproduced == "yes"
   assert "ReLU + L1 0.390 ± 0.014 at L0 4.20" in verdict and "3 of 3" in verdict
+  assert "Atoms recovered (mean; target > 90 %): TopK 100.0 %" in verdict
+
+
+def test_judge_partly_when_a_winner_recovers_too_few_atoms():
+  payload = _payload({"topk": [0.15, 0.17], "batchtopk": [0.18, 0.18], "relu": [0.38, 0.40],
+                      "jumprelu": [0.19, 0.19]}, L0)
+  for row in payload["selected"]:
+    if row["architecture"] == "batchtopk":
+      row["recovered"] = 0.8 + 0.1 * row["seed"]  # mean 0.85: under the 90 % target
+  reproduced, verdict = sae_synthetic.judge(payload)
+  assert reproduced == "partly" and "BatchTopK 85.0 %" in verdict
 
 
 def test_judge_partly_inside_the_spread_or_at_a_denser_l0_and_no():
