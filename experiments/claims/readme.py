@@ -145,12 +145,18 @@ def rewrite(text: str, generated: str) -> str:
   return f"{head}{BEGIN}\n{generated}{END}{tail}"
 
 
+TEXT_FIELDS = ("title", "source", "statement", "setup", "expected")
+
+
 def stale_records() -> list[str]:
-  """Names of claim records whose stored verdict differs from what `judge` says of their payload."""
+  """Names of claim records whose stored verdict differs from what `judge` says of their payload,
+  or whose text differs from their module's `CLAIM` (re-write the record from its payload)."""
   stale = []
   for record in claim_records():
-    if claims.load(record["name"]).judge(record["payload"]) != (record["reproduced"],
-                                                                record["verdict"]):
+    claim = claims.load(record["name"])
+    text = tuple(getattr(claim, field) for field in TEXT_FIELDS)
+    if (claim.judge(record["payload"]) != (record["reproduced"], record["verdict"])
+        or text != tuple(record[field] for field in TEXT_FIELDS)):
       stale.append(record["name"])
   return stale
 

@@ -25,7 +25,7 @@ from sparsejax.models.transformer import (
     _check_layer_kwargs,
     contract_fields,
 )
-from sparsejax.registry import FFNS
+from sparsejax.registry import FFNS, MODELS
 
 _KERNEL_AXES = (None, None, None, "embed")
 
@@ -73,6 +73,7 @@ class ConvBlock(nn.Module):
     return x_BHWC + y_BHWC, merge_aux("ffn", ffn_aux, empty_aux())
 
 
+@MODELS.register("small_cnn")
 class SmallCNN(nn.Module):
   """Conv stem, `num_blocks` ConvNeXt blocks with pluggable pointwise FFNs, pool, linear head.
 
@@ -84,9 +85,12 @@ class SmallCNN(nn.Module):
     ffn: an `FFNS` name for the blocks in `ffn_blocks` (all when None); other blocks use
       "dense". ffn_kwargs: that FFN's own arguments, (name, value) pairs or a mapping. FFNs
       that route by token id (`takes_token_ids`) have no ids here and are rejected.
+    image_shape: (H, W, C) of the images when they come flattened, as a classification
+      task's `(B, H W C)` features (e.g. (8, 8, 1) for the digits); None takes 4-D images only.
     dtype: compute dtype; params and logits are float32.
 
-  Call: `model(images_BHWC, deterministic=True) -> (logits_BY, aux)`; images must be 4-D.
+  Call: `model(images_BHWC, deterministic=True) -> (logits_BY, aux)`; images must be 4-D, or
+  2-D `(B, H W C)` with `image_shape` set.
   """
   num_classes: int
   channels: int = 32
@@ -96,6 +100,7 @@ class SmallCNN(nn.Module):
   ffn: str = "dense"
   ffn_kwargs: Kwargs = ()
   ffn_blocks: tuple[int, ...] | None = None
+  image_shape: tuple[int, int, int] | None = None
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -111,6 +116,9 @@ class SmallCNN(nn.Module):
     if getattr(ffn_cls, "takes_token_ids", False):
       raise ValueError(f"ffn {self.ffn!r} routes by token id, which images do not have")
     _check_layer_kwargs(FFNS, self.ffn, FFN_CONTRACT, self._kwargs(), FFN_OPTIONAL)
+    if self.image_shape is not None and (
+        len(self.image_shape) != 3 or any(int(n) < 1 for n in self.image_shape)):
+      raise ValueError(f"image_shape must be 3 positive ints (H, W, C), got {self.image_shape!r}")
     if self.ffn_blocks is not None:
       outside = [block for block in self.ffn_blocks if not 0 <= block < self.num_blocks]
       if outside:
@@ -123,9 +131,11 @@ class SmallCNN(nn.Module):
   @nn.compact
   def __call__(self, images_BHWC: jax.Array, *,
                deterministic: bool = True) -> tuple[jax.Array, Aux]:
+    if images_BHWC.ndim == 2 and self.image_shape is not None:
+      images_BHWC = images_BHWC.reshape(images_BHWC.shape[0], *self.image_shape)
     if images_BHWC.ndim != 4:
-      raise ValueError(f"images must be 4-D (batch, height, width, channels), got shape "
-                       f"{images_BHWC.shape}")
+      raise ValueError(f"images must be 4-D (batch, height, width, channels), or 2-D with "
+                       f"image_shape set, got shape {images_BHWC.shape}")
     x_BHWC = _conv(self.channels, self.kernel_size, 1, "stem", self.dtype)(
         images_BHWC.astype(self.dtype))
     aux = empty_aux()

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 
 
 def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-6) -> jax.Array:
-  """x / max(||x||_2, eps) along `axis`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||_2, eps) along `axis`, with a finite gradient at x = 0."""
+  # sqrt after the max: d sqrt(s)/ds is infinite at s = 0 (an all-zero token, e.g. a blank
+  # image patch), which made the gradient NaN.
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True),
+                                       eps * eps))
 
 
 def soft_weights(x_GMD: jax.Array, phi_DS: jax.Array, scale: jax.Array):
