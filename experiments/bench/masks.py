@@ -6,10 +6,11 @@ What is measured (fp32, CPU, a 4096 -> 4096 layer at 90 % sparsity, i.e. K = 410
 output, a constant fan-in mask as SRigL trains; `--quick`: 512 -> 512):
 
 * `dense_b{B}`: the baseline a user writes, `x @ w` with the dense (masked) kernel `[I, O]`.
-* `condensed_b{B}`: `sparsejax.masks.condensed.condensed_matmul(x, values_OK, idx_OK)` with the
-  default `implementation="auto"`: at B = 1 the gather formulation (x[idx] `[O, K]` times
-  values, summed over K; int16 indices); at B = 256 auto picks "densify" (scatter the values
-  into `[I, O]`, then one matmul), because the gather loses to the dense matmul at large batch.
+* `condensed_b{B}`: the inference layer `sparsejax.masks.condensed.CondensedLinear` (no bias,
+  `implementation="auto"`) with variables from `condensed.prepare_inference`: at B = 1 the
+  gather formulation (x[idx] `[O, K]` times values, summed over K; int16 indices); at B = 256
+  auto picks "densify", which multiplies the dense kernel the layer cached once instead of
+  scattering the values every call (the gather loses to the dense matmul at large batch).
   Column `path` says which ran, `speedup_vs_dense_same_batch` = dense time / this time.
 * `checkpoint_dense`, `checkpoint_dense_masked`, `checkpoint_sparse`: Orbax checkpoints of the
   layer's params: the dense trained layer, the same layout holding the masked kernel (90 %
@@ -63,21 +64,29 @@ def dense_forward(x_BI: jax.Array, w_IO: jax.Array) -> jax.Array:
   return jnp.dot(x_BI, w_IO)
 
 
-def condensed_forward(x_BI: jax.Array, values_OK: jax.Array, idx_OK: jax.Array) -> jax.Array:
-  return condensed.condensed_matmul(x_BI, values_OK, idx_OK)
+def condensed_inference(layer: dict[str, Any]) -> tuple[dict[str, Any],
+                                                        Callable[..., jax.Array]]:
+  """Inference variables of the bias-free `CondensedLinear` of `layer` (its dense kernel cached
+  by `condensed.prepare_inference`) and its forward (variables, x) -> y."""
+  features = layer["w"].shape[0]
+  module = condensed.CondensedLinear(idx=layer["idx"], in_features=features, use_bias=False)
+  variables = condensed.prepare_inference(
+      module, {"params": {"values": jnp.asarray(layer["values"])}},
+      jnp.zeros((1, features), jnp.float32))
+  return variables, lambda variables, x_BI: module.apply(variables, x_BI)[0]
 
 
 def _matmul_rows(layer: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
   features = layer["w"].shape[0]
   w_IO = jnp.asarray(layer["masked"])
-  values_OK, idx_OK = jnp.asarray(layer["values"]), jnp.asarray(layer["idx"])
+  variables, condensed_forward = condensed_inference(layer)
   rows = []
   for batch in BATCHES:
     x_BI = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, features)), jnp.float32)
     reps = repeats * (SMALL_BATCH_REPEAT_FACTOR if batch <= condensed.GATHER_MAX_BATCH else 1)
     dense, sparse = timing.interleaved_cases({
         f"dense_b{batch}": (dense_forward, (x_BI, w_IO)),
-        f"condensed_b{batch}": (condensed_forward, (x_BI, values_OK, idx_OK)),
+        f"condensed_b{batch}": (condensed_forward, (variables, x_BI)),
     }, repeats=reps)
     path = "gather" if batch <= condensed.GATHER_MAX_BATCH else "densify"
     dense.update(batch=batch, path="dense", speedup_vs_dense_same_batch=1.0)

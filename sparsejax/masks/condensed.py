@@ -16,6 +16,11 @@ Two formulations (`implementation`):
             matmul's compute efficiency outweighs the K / I saving of the gather.
   auto      gather for B <= GATHER_MAX_BATCH rows, densify above.
 
+Re-scattering every call costs more than the matmul at large batch, so for inference the dense
+kernel is built once: `prepare_inference(model, variables, x)` stores each `CondensedLinear`'s
+densify(values, idx) in the variable collection CACHE_COLLECTION, and the densify path then
+multiplies that cached kernel (the dense layer's cost) while small batches still gather.
+
 Lasby et al. 2023, "Dynamic Sparse Training with Structured Sparsity" (SRigL), sec. 5
 ("condensed" representation, 3.4x over dense for online inference on CPU).
 """
@@ -28,11 +33,16 @@ import numpy as np
 
 GATHER_MAX_BATCH = 8
 IMPLEMENTATIONS = ("auto", "gather", "densify")
+CACHE_COLLECTION = "condensed_cache"
 
 
 def condensed_matmul(x_BI: jax.Array, values_OK: jax.Array, idx_OK: jax.Array,
-                     implementation: str = "auto") -> jax.Array:
-  """y_BO = sum_k x[:, idx[o, k]] values[o, k] (see the module docstring), for x `[..., I]`."""
+                     implementation: str = "auto", dense_IO: jax.Array | None = None) -> jax.Array:
+  """y_BO = sum_k x[:, idx[o, k]] values[o, k] (see the module docstring), for x `[..., I]`.
+
+  `dense_IO`: densify(values, idx, I) built beforehand; the densify path multiplies it instead of
+  scattering the values again (it must match values and idx, and gets no gradient to them).
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if values_OK.shape != idx_OK.shape or values_OK.ndim != 2:
@@ -47,7 +57,12 @@ def condensed_matmul(x_BI: jax.Array, values_OK: jax.Array, idx_OK: jax.Array,
     # One gather per row (lax.map): XLA's CPU gather is much slower batched or vmapped.
     y_BO = jax.lax.map(lambda x_I: _gather_row(x_I, values_OK, idx_OK), x_BI)
   else:
-    y_BO = jnp.dot(x_BI, densify(values_OK, idx_OK, in_dim))
+    if dense_IO is None:
+      dense_IO = densify(values_OK, idx_OK, in_dim)
+    elif dense_IO.shape != (in_dim, values_OK.shape[0]):
+      raise ValueError(f"dense_IO must be [I, O] = {(in_dim, values_OK.shape[0])}, got "
+                       f"{dense_IO.shape}")
+    y_BO = jnp.dot(x_BI, dense_IO.astype(x_BI.dtype))
   return y_BO.reshape(*lead, values_OK.shape[0])
 
 
@@ -65,13 +80,26 @@ def densify(values_OK: jax.Array, idx_OK: jax.Array, in_dim: int) -> jax.Array:
       idx_OK.astype(jnp.int32), cols_OK].set(values_OK, unique_indices=True)
 
 
+def prepare_inference(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, Any]:
+  """`variables` plus the dense kernel of every `CondensedLinear` in `model`, built once.
+
+  Runs `model.apply(variables, *args, **kwargs)` with CACHE_COLLECTION mutable, so each layer
+  stores w_IO = densify(values, idx, I) there; large batches then cost one dense matmul. For
+  inference only: the cache does not follow later changes of `values`, and gradients do not
+  reach `values` through it (train without the collection).
+  """
+  _, cache = model.apply(variables, *args, mutable=[CACHE_COLLECTION], **kwargs)
+  return {**variables, **cache}
+
+
 class CondensedLinear(nn.Module):
   """y = condensed_matmul(x, values, idx) + b, a constant-fan-in sparse `nn.Dense`.
 
   `idx` is a static NumPy `[O, K]` array of distinct input indices per output (from
   `export.to_condensed`); the param `values` `[O, K]` holds the weights (LeCun-normal with
   fan-in K by default). Returns `(y [..., O], aux)` with aux = {"losses": {}, "metrics":
-  {"density": K / I}}.
+  {"density": K / I}}. With the collection CACHE_COLLECTION present ("kernel_IO", written by
+  `prepare_inference`) the densify path multiplies the cached dense kernel.
 
   Attributes:
     idx: static NumPy int array `[O, K]`.
@@ -98,8 +126,13 @@ class CondensedLinear(nn.Module):
     if x.shape[-1] != self.in_features:
       raise ValueError(f"x's last dim must be in_features={self.in_features}, got {x.shape}")
     values_OK = self.param("values", self.values_init, idx_OK.shape, jnp.float32)
+    dense_IO = None
+    if self.has_variable(CACHE_COLLECTION, "kernel_IO") or (
+        self.is_mutable_collection(CACHE_COLLECTION) and not self.is_initializing()):
+      dense_IO = self.variable(CACHE_COLLECTION, "kernel_IO", densify, values_OK,
+                               jnp.asarray(idx_OK), self.in_features).value
     y = condensed_matmul(x.astype(self.dtype), values_OK.astype(self.dtype),
-                         jnp.asarray(idx_OK), self.implementation)
+                         jnp.asarray(idx_OK), self.implementation, dense_IO)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (idx_OK.shape[0],), jnp.float32).astype(
           self.dtype)

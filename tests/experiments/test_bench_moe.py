@@ -30,5 +30,9 @@ def test_ragged_dot_baseline_equals_dropless_layer():
 def test_quick_run_has_every_case():
   rows = moe_bench.run(repeats=1, quick=True)
   assert [r["case"] for r in rows] == ["dense_ffn", "moe_dropless", "moe_capacity",
-                                       "onehot_einsum", "ragged_dot"]
+                                       "onehot_einsum", "ragged_dot", "dense_ffn_fine",
+                                       "moe_dropless_fine"]
   assert all(r["median_s"] > 0 for r in rows)
+  fine = {r["case"]: r for r in rows if r["shape"] == "fine"}
+  assert fine["moe_dropless_fine"]["active_gflop"] == fine["dense_ffn_fine"]["active_gflop"]
+  assert fine["dense_ffn_fine"]["time_vs_dense_ffn"] == 1.0

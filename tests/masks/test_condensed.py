@@ -78,10 +78,34 @@ def test_condensed_errors():
     condensed.condensed_matmul(x, values, idx[:, :2])
 
 
+def test_prepare_inference_caches_the_explicit_dense_kernel_for_large_batches():
+  x, values, idx = _case(batch=condensed.GATHER_MAX_BATCH + 1)
+  layer = condensed.CondensedLinear(idx=idx, in_features=12, use_bias=False)
+  params = {"params": {"values": jnp.asarray(values)}}
+  assert condensed.CACHE_COLLECTION not in layer.init(jax.random.key(0), x)
+  variables = condensed.prepare_inference(layer, params, x[:1])
+  want_IO = np.zeros((12, 5), np.float32)  # w[idx[o, k], o] = values[o, k], by hand
+  for o in range(5):
+    for k in range(3):
+      want_IO[idx[o, k], o] = values[o, k]
+  np.testing.assert_array_equal(variables[condensed.CACHE_COLLECTION]["kernel_IO"], want_IO)
+  np.testing.assert_allclose(layer.apply(variables, x)[0], _naive(x, values, idx), rtol=1e-5,
+                             atol=1e-5)
+  # The large batch reads the cache (zeroed: y = 0); a single row still gathers the values.
+  zeroed = {**variables, condensed.CACHE_COLLECTION: {"kernel_IO": jnp.zeros((12, 5))}}
+  assert np.all(np.asarray(layer.apply(zeroed, x)[0]) == 0)
+  np.testing.assert_allclose(layer.apply(zeroed, x[:1])[0], _naive(x[:1], values, idx),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="dense_IO must be"):
+    condensed.condensed_matmul(x, values, idx, "densify", jnp.zeros((5, 12)))
+
+
 def test_bench_functions_agree():
   layer = bench_masks.make_layer(64, 0.1)
   assert np.all(layer["mask"].sum(axis=0) == round(0.1 * 64))
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64)), jnp.float32)
-  np.testing.assert_allclose(
-      bench_masks.condensed_forward(x, jnp.asarray(layer["values"]), jnp.asarray(layer["idx"])),
-      bench_masks.dense_forward(x, jnp.asarray(layer["masked"])), rtol=1e-5, atol=1e-5)
+  variables, condensed_forward = bench_masks.condensed_inference(layer)
+  for batch in (1, 16):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 64)), jnp.float32)
+    np.testing.assert_allclose(condensed_forward(variables, x),
+                               bench_masks.dense_forward(x, jnp.asarray(layer["masked"])),
+                               rtol=1e-5, atol=1e-5)
