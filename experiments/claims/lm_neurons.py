@@ -101,8 +101,11 @@ def judge(payload: dict) -> tuple[str, str]:
   in_word = next(r for r in payload["probes"] if r["label"] == "in_word")
   sparse, probe = max(firing) < 0.5, in_word["k16"] > in_word["majority"] + 0.1
   reproduced = "yes" if sparse and probe else "partly" if sparse or probe else "no"
-  return reproduced, (f"{min(firing):.1%}-{max(firing):.1%} of the FFN hidden units fire on a "
-                      f"given byte; one neuron tells \"inside a word\" apart "
+  near_zero = [r["near_zero_fraction"] for r in payload["layers"]]
+  return reproduced, (f"{min(firing):.1%}-{max(firing):.1%} of the FFN hidden units fire (> 0.01) "
+                      f"on a given byte, but with GELU only {min(near_zero):.1%}-"
+                      f"{max(near_zero):.1%} are near zero (|a| <= 0.01), so most of the rest are "
+                      f"small negative values a skip would drop; one neuron tells \"inside a word\" apart "
                       f"{in_word['k1']:.1%} of the time and 16 do {in_word['k16']:.1%} "
                       f"(majority class {in_word['majority']:.1%}).")
 

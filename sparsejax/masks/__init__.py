@@ -12,10 +12,10 @@ from sparsejax.masks.cospadi import (cospadi_atoms_for_budget, cospadi_compress,
                                      cospadi_param_count)
 from sparsejax.masks.export import (from_bsr, from_condensed, restore_sparse, save_sparse, to_bsr,
                                     to_condensed)
-from sparsejax.masks.condensed import CondensedLinear, condensed_matmul
+from sparsejax.masks.condensed import CondensedLinear, condensed_matmul, prepare_inference
 from sparsejax.masks.formats import (CSR, Bitmap, bitmap_matmul, csr_matmul, from_bitmap,
                                      from_csr, to_bitmap, to_csr)
-from sparsejax.masks.pixelfly import PixelflyLinear, pixelfly_pattern
+from sparsejax.masks.pixelfly import PixelflyLinear, pixelfly_blocks, pixelfly_pattern
 from sparsejax.masks.monarch import (MonarchLinear, monarch_dense, monarch_matmul,
                                      monarch_shapes)
 from sparsejax.masks.sparse_ift import SparseIFTLayer, sparse_ift_layer, sparse_ift_width
