@@ -29,11 +29,12 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
   schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
   `memory_values`: "dense" (that AdamW) or "sparse": the value tables get the lazy row-wise
   AdamW of `sparsejax.memory.sparse_optim.row_adamw` on at most `memory_value_rows` rows per step
-  (same betas, weight decay and value schedule): moments and decay are computed for those rows
-  only, untouched rows are never changed, but finding the rows and applying the update still
-  pass once over the N x D table (`row_adam_step`, with explicit read indices, is the O(rows read
-  x D) form). Rows beyond `memory_value_rows` in one step get no update, so set it to at least
-  batch x length x heads x k (times the layers sharing a table).
+  (same betas, weight decay and value schedule), and the clipping is
+  `sparse_optim.clip_by_global_norm`: the trainer's step then gives each table's gradient and
+  update as `sparse_optim.Rows` (`sparsejax.memory.row_grad`), so a step costs O(rows read x D),
+  never O(N x D); untouched rows are never changed. Rows beyond `memory_value_rows` in one step
+  (the highest indices) get no update, so set it to at least batch x length x heads x k (times
+  the layers sharing a table).
   The warmup is capped at num_steps - 1 so that short runs still decay.
   """
   schedule = optax.warmup_cosine_decay_schedule(
@@ -59,7 +60,8 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
     update = optax.multi_transform(
         {memory.optim.DEFAULT_LABEL: make_adamw(schedule), memory.optim.VALUE_LABEL: value_tx},
         memory.value_lr_labels)
-  elif train.memory_value_learning_rate is None:
+    return optax.chain(sparse_optim.clip_by_global_norm(train.grad_clip), update), schedule
+  if train.memory_value_learning_rate is None:
     update = make_adamw(schedule)
   else:
     update = memory.make_memory_optimizer(make_adamw, schedule, value_schedule)

@@ -30,6 +30,8 @@ from experiments.run_config import ConfigError
 from sparsejax import masks
 from sparsejax import sharding
 from sparsejax.auxiliary import total_aux_loss
+from sparsejax.memory import row_grad
+from sparsejax.memory import sparse_optim
 
 # RNG streams every model may draw from during training (dropout, router noise, ...).
 RNG_STREAMS = ("dropout", "router", "noise")
@@ -65,25 +67,33 @@ def objective(task: tasks.Task, params, model_state, batch, *, deterministic: bo
 
 
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule,
-                    forward_params: Callable | None = None) -> Callable:
+                    forward_params: Callable | None = None, value_rows: bool = False) -> Callable:
   """(state, batch) -> (state, metrics); `finite/loss` and `finite/update` are False when that
   quantity went NaN/inf. With `forward_params(params, opt_state) -> w` (sparse training: the
-  masked weights), the loss and its gradient are taken at w."""
+  masked weights), the loss and its gradient are taken at w. With `value_rows`
+  (config.train.memory_values="sparse"), memory value tables' gradients and updates are
+  `sparse_optim.Rows` (`row_grad.value_and_row_grad`): no N x D buffer in the step."""
+  if value_rows and forward_params is not None:
+    raise ValueError("config.train.memory_values='sparse' does not combine with sparse training "
+                     "(config.sparsity.enabled)")
+  value_and_grad = (row_grad.value_and_row_grad(objective, params_argnum=1, collections_argnum=2)
+                    if value_rows else jax.value_and_grad(objective, argnums=1, has_aux=True))
 
   def train_step(state, batch):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
     rngs = {name: jax.random.fold_in(step_rng, i) for i, name in enumerate(RNG_STREAMS)}
     weights = (state["params"] if forward_params is None
                else forward_params(state["params"], state["opt_state"]))
-    (total, (loss, task_metrics, aux, model_state)), grads = jax.value_and_grad(
-        objective, argnums=1, has_aux=True)(task, weights, state["model_state"], batch,
-                                            deterministic=False, rngs=rngs)
+    (total, (loss, task_metrics, aux, model_state)), grads = value_and_grad(
+        task, weights, state["model_state"], batch, deterministic=False, rngs=rngs)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    update_norm = optax.tree.norm(updates)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+    update_norm = sparse_optim.tree_norm(updates)
+    new_state = {"step": state["step"] + 1,
+                 "params": sparse_optim.apply_updates(state["params"], updates),
                  "model_state": model_state, "opt_state": opt_state, "rng": state["rng"]}
     metrics = {
-        "train/loss": loss, "train/total_loss": total, "train/grad_norm": optax.tree.norm(grads),
+        "train/loss": loss, "train/total_loss": total,
+        "train/grad_norm": sparse_optim.tree_norm(grads),
         "train/update_norm": update_norm, "train/learning_rate": schedule(state["step"]),
         **{f"train/{k}": v for k, v in {**task_metrics, **aux["losses"], **aux["metrics"]}.items()},
         "finite/loss": jnp.isfinite(total), "finite/update": jnp.isfinite(update_norm),
@@ -132,7 +142,8 @@ class Trainer:
     with jax.set_mesh(self.mesh), sharding.with_rules():
       forward = optim.masked_params if self.initial_mask is not None else None
       self.train_step = jax.jit(
-          make_train_step(self.task, self.tx, self.schedule, forward),
+          make_train_step(self.task, self.tx, self.schedule, forward,
+                          value_rows=config.train.get("memory_values") == "sparse"),
           in_shardings=(self.state_shardings, self.batch_sharding),
           out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
       self.eval_step = jax.jit(self.task.eval_step, in_shardings=(

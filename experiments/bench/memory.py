@@ -20,14 +20,20 @@ in turn; median_s, min_s, max_s).
   table, as a training step with a dense optimizer computes it: the N x D value gradient is
   materialised, so this grows with N through that one zero-filled buffer.
 
-* `pkm_train_step_N{N}` (N = 128^2 and 1024^2; `--quick`: 16^2 and 32^2): one training step
-  of a one-layer model y = x + m(x W_q), loss mean (y - target)^2: forward, backward to W_q,
-  the sub-keys and the gathered value rows, AdamW on W_q and the sub-keys, and the lazy
-  row-wise AdamW of `sparsejax.memory.sparse_optim` on the <= B k distinct rows read (repeats
-  merged), with params and optimizer state donated so the value table and its moments are
-  updated in place. Timed interleaved with each other (`timing.interleaved_calls`, each call
-  runs on the previous call's state); `vs_smallest_N` is the 1024^2 / 128^2 ratio (target
-  <= 2). `python -m experiments.bench memory_train` runs only these two cases.
+* `pkm_train_step_N{N}` (N = 128^2 and 1024^2; `--quick`: 16^2 and 32^2): one step of the
+  trainer (`experiments.trainer.make_train_step`, jitted with the state donated as the Trainer
+  does) on a one-layer model y = x + m(x) (`MemoryRegressor`: a `ProductKeyMemory`, one head),
+  loss mean (y - target)^2, with the run optimizer of `experiments.optim.make_optimizer` at
+  `memory_values="sparse"`: forward, backward with the value table's gradient as
+  (rows read, their gradient) (`sparsejax.memory.row_grad`), global-norm clipping, AdamW on the
+  query projection, norm and sub-keys, and the lazy row-wise AdamW on the <= B k distinct rows
+  read, applied in place. Timed interleaved with each other (`timing.interleaved_calls`, each
+  call runs on the previous call's state); `vs_smallest_N` is the 1024^2 / 128^2 ratio (target
+  <= 2). `python -m experiments.bench memory_train` runs only the train-step cases.
+* `pkm_train_step_dense_N{N}`: the baseline, the same trainer step at `memory_values="dense"`
+  (N x D value gradient, AdamW over the whole table and both its moments), timed interleaved
+  with each other after the sparse group (so its O(N D) passes do not evict the sparse cases'
+  state from the caches); `dense_over_sparse` on the sparse rows is its time over theirs.
 
 Extra columns: `us_per_token`, `vs_smallest_N` (this method's time / its time at the smallest
 N, both from this run), `naive_over_pkm` (naive time / pkm time at the same N) and
@@ -36,14 +42,16 @@ N, both from this run), `naive_over_pkm` (naive time / pkm time at the same N) a
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-import optax
-
+from experiments import optim
+from experiments import trainer
 from experiments.bench import timing
+from sparsejax.memory import layers
 from sparsejax.memory import pkm
-from sparsejax.memory import sparse_optim
 
 DESCRIPTION = "product-key memory fwd+bwd per token vs memory size N, against full N scoring"
 BASELINE = "pkm_N16384"
@@ -112,74 +120,102 @@ def _temp_bytes(fn: Callable, args: tuple) -> int | None:
   return None if stats is None else int(stats.temp_size_in_bytes)
 
 
-def train_step(k: int, dense_tx: optax.GradientTransformation, params: dict, opt_state: tuple,
-               x_BD: jax.Array, target_BD: jax.Array) -> tuple[dict, tuple, jax.Array]:
-  """One step of y = x + m(x W_q) on mean (y - target)^2: (params, opt state, loss).
+class MemoryRegressor(nn.Module):
+  """y = x + m(x): one product-key memory layer with a residual; returns (y, aux)."""
 
-  The value table gets gradient only on the gathered rows (never an N x D buffer); repeated
-  reads are merged (`sparse_optim.merge_rows`) and `sparse_optim.row_adam_step` updates those
-  rows; W_q and the sub-keys get `dense_tx`.
-  """
-  dense_state, value_state = opt_state
-  values_ND = params["values"]
-  dense = {"w_q": params["w_q"], "subkeys": params["subkeys"]}
+  d_model: int
+  num_keys: int
+  k: int
+  d_key: int = QUERY_DIM
 
-  def lookup(dense):
-    query_B1Q = (x_BD @ dense["w_q"])[:, None, :]
-    return pkm.pkm_lookup(query_B1Q, dense["subkeys"], k)
-
-  scores_B1K, lookup_vjp, idx_B1K = jax.vjp(lookup, dense, has_aux=True)
-  rows_B1KD = jnp.take(values_ND, idx_B1K, axis=0, mode="clip")
-  loss, head_vjp = jax.vjp(
-      lambda s, r: jnp.mean((x_BD + _weighted_rows(s, r) - target_BD) ** 2), scores_B1K,
-      rows_B1KD)
-  dscores_B1K, drows_B1KD = head_vjp(jnp.ones_like(loss))
-  (ddense,) = lookup_vjp(dscores_B1K)
-  updates, dense_state = dense_tx.update(ddense, dense_state, dense)
-  dense = optax.apply_updates(dense, updates)
-  idx_R, grad_RD = sparse_optim.merge_rows(idx_B1K.reshape(-1),
-                                           drows_B1KD.reshape(-1, values_ND.shape[1]),
-                                           values_ND.shape[0])
-  values_ND, value_state = sparse_optim.row_adam_step(
-      values_ND, value_state, idx_R, grad_RD, TRAIN_LEARNING_RATE,
-      weight_decay=TRAIN_WEIGHT_DECAY)
-  return {**dense, "values": values_ND}, (dense_state, value_state), loss
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True):
+    memory = layers.ProductKeyMemory(d_model=self.d_model, num_keys=self.num_keys, k=self.k,
+                                     num_heads=1, d_key=self.d_key, name="memory")
+    y_BTD, aux = memory(x_BTD, deterministic=deterministic)
+    return x_BTD + y_BTD, aux
 
 
-def _train_call(num_keys: int, tokens: int, k: int) -> tuple[Callable[[], Any], int | None]:
-  """(a call running one donated train step on the state the previous call left, peak bytes)."""
-  dense_tx = optax.adamw(TRAIN_LEARNING_RATE, weight_decay=TRAIN_WEIGHT_DECAY)
-  x_BD, keys_12PA, values_ND, target_BD = _inputs(num_keys, tokens)
-  w_q = jax.random.normal(jax.random.key(1), (VALUE_DIM, QUERY_DIM)) * VALUE_DIM**-0.5
-  params = {"w_q": w_q, "subkeys": keys_12PA, "values": values_ND}
-  opt_state = (dense_tx.init({"w_q": w_q, "subkeys": keys_12PA}),
-               sparse_optim.init_row_adam(values_ND))
-  x_BD = x_BD[:, 0, :VALUE_DIM]
-  step = jax.jit(functools.partial(train_step, k, dense_tx), donate_argnums=(0, 1))
-  compiled = step.lower(params, opt_state, x_BD, target_BD).compile()
-  state = {"params": params, "opt_state": opt_state}
+class RegressionTask:
+  """What `trainer.make_train_step` needs of a task for `MemoryRegressor`: apply, and the loss
+  mean (y - target)^2."""
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+
+  def apply(self, variables, batch, **kwargs):
+    return self.model.apply(variables, batch["inputs"], **kwargs)
+
+  def loss(self, outputs, batch):
+    return jnp.mean((outputs - batch["targets"]) ** 2), {}
+
+
+def train_config(memory_values: str, rows: int) -> ml_collections.ConfigDict:
+  """config.train for `optim.make_optimizer`: constant TRAIN_LEARNING_RATE, AdamW with
+  TRAIN_WEIGHT_DECAY, clipping at 1, value tables "dense" or "sparse" (`rows` per step)."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=1000, learning_rate=TRAIN_LEARNING_RATE, warmup_steps=0, end_lr_fraction=1.0,
+      weight_decay=TRAIN_WEIGHT_DECAY, b1=0.9, b2=0.999, grad_clip=1.0,
+      memory_value_learning_rate=None, memory_values=memory_values, memory_value_rows=rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: nn.Module) -> Callable:
+  """jax.jit(model.init), one per model config: the sparse and dense setups compile it once."""
+  return jax.jit(model.init)
+
+
+def train_setup(num_keys: int, tokens: int, k: int, memory_values: str = "sparse",
+                d_model: int = VALUE_DIM, d_key: int = QUERY_DIM) -> tuple[Callable, dict, dict]:
+  """(jitted trainer step with the state donated, initial state, batch) for `MemoryRegressor`."""
+  model = MemoryRegressor(d_model=d_model, num_keys=num_keys, k=k, d_key=d_key)
+  rngs = jax.random.split(jax.random.key(num_keys), 3)
+  batch = {"inputs": jax.random.normal(rngs[0], (1, tokens, d_model)),
+           "targets": jax.random.normal(rngs[1], (1, tokens, d_model))}
+  tx, schedule = optim.make_optimizer(train_config(memory_values, tokens * k))
+  params = nn.meta.unbox(_jitted_init(model)(rngs[2], batch["inputs"])["params"])
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": {},
+           "opt_state": tx.init(params), "rng": jax.random.key(0)}
+  step = trainer.make_train_step(RegressionTask(model), tx, schedule,
+                                 value_rows=memory_values == "sparse")
+  return jax.jit(step, donate_argnums=0), state, batch
+
+
+def _train_call(num_keys: int, tokens: int, k: int,
+                memory_values: str) -> tuple[Callable[[], Any], int | None]:
+  """(a call running one donated trainer step on the state the previous call left, peak bytes)."""
+  step, state, batch = train_setup(num_keys, tokens, k, memory_values)
+  compiled = step.lower(state, batch).compile()
+  holder = {"state": state}
 
   def call():
-    state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"],
-                                                        x_BD, target_BD)
-    jax.block_until_ready(loss)
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics["train/loss"])
 
   return call, timing.compiled_peak_bytes(compiled)
 
 
 def run_train(repeats: int, quick: bool) -> list[dict[str, Any]]:
-  """Rows for `pkm_train_step_N{N}`, timed interleaved, with `vs_smallest_N` and us_per_token."""
+  """Rows for `pkm_train_step_N{N}` (sparse values) and `pkm_train_step_dense_N{N}`, each group
+  timed interleaved on its own, with us_per_token, `vs_smallest_N` (within the group) and, on
+  the sparse rows, `dense_over_sparse`."""
   num_keys_list, tokens, k = ((QUICK_TRAIN_NUM_KEYS, QUICK_TOKENS, QUICK_TOP_K) if quick
                               else (TRAIN_NUM_KEYS, TOKENS, TOP_K))
-  calls, peaks = {}, {}
-  for num_keys in num_keys_list:
-    name = f"pkm_train_step_N{num_keys**2}"
-    calls[name], peaks[name] = _train_call(num_keys, tokens, k)
-  rows = timing.interleaved_calls(calls, repeats=repeats, warmup=2)
-  for row in rows:
-    row["peak_bytes"] = peaks[row["case"]]
-    row["us_per_token"] = row["median_s"] / tokens * 1e6
-    row["vs_smallest_N"] = row["median_s"] / rows[0]["median_s"]
+  rows = []
+  for memory_values, prefix in (("sparse", "pkm_train_step"), ("dense", "pkm_train_step_dense")):
+    calls, peaks = {}, {}
+    for num_keys in num_keys_list:
+      name = f"{prefix}_N{num_keys**2}"
+      calls[name], peaks[name] = _train_call(num_keys, tokens, k, memory_values)
+    group = timing.interleaved_calls(calls, repeats=repeats, warmup=2)
+    for row in group:
+      row["peak_bytes"] = peaks[row["case"]]
+      row["us_per_token"] = row["median_s"] / tokens * 1e6
+      row["vs_smallest_N"] = row["median_s"] / group[0]["median_s"]
+    rows += group
+    del calls  # frees this group's states (3 N x D tables each) before the next group
+  for sparse, dense in zip(rows[:len(num_keys_list)], rows[len(num_keys_list):]):
+    sparse["dense_over_sparse"] = dense["median_s"] / sparse["median_s"]
   return rows
 
 

@@ -1,10 +1,12 @@
-"""Product-key memory train step with the row-sparse value optimizer, at 128^2 and 1024^2 slots.
+"""Trainer step of a product-key memory model with row-sparse values, at 128^2 vs 1024^2 slots.
 
 `python -m experiments.bench memory_train [--json FILE] [--quick]`
 
 The `pkm_train_step_N{N}` cases of the `memory` benchmark alone (see experiments/bench/memory.py
-for what a step does): forward, backward and a lazy row-wise AdamW update that touches only the
-rows read, timed interleaved. Target: the 1024^2 step <= 2x the 128^2 step (`vs_smallest_N`).
+for what a step does): `experiments.trainer.make_train_step` with config.train.memory_values =
+"sparse", i.e. forward, backward with the value table's gradient in row form and a lazy
+row-wise AdamW update of only the rows read, timed interleaved. Target: the 1024^2 step <= 2x
+the 128^2 step (`vs_smallest_N`).
 """
 from typing import Any
 

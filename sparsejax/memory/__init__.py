@@ -8,6 +8,8 @@ from sparsejax.memory import hashed_embedding
 from sparsejax.memory import layers
 from sparsejax.memory import optim
 from sparsejax.memory import pkm
+from sparsejax.memory import row_grad
+from sparsejax.memory import sparse_optim
 from sparsejax.memory.finetune import (
     access_counts,
     masks_for,
@@ -20,6 +22,7 @@ from sparsejax.memory.finetune import (
 from sparsejax.memory.hashed_embedding import HashedEmbedding, hashed_embed, ngram_rows
 from sparsejax.memory.layers import ACCESS, ProductKeyMemory
 from sparsejax.memory.optim import make_memory_optimizer, value_lr_labels
+from sparsejax.memory.row_grad import value_and_row_grad
 from sparsejax.memory.pkm import (
     access_stats,
     embedding_bag,
@@ -51,10 +54,13 @@ __all__ = [
     "pkm_lookup",
     "pkm_read",
     "read_histograms",
+    "row_grad",
     "slot_histograms",
+    "sparse_optim",
     "sparse_update",
     "tfidf_scores",
     "top_slots",
+    "value_and_row_grad",
     "value_lr_labels",
     "window_metrics",
 ]

@@ -76,11 +76,12 @@ def row_mask(memory_size: int, slots: jax.Array) -> jax.Array:
   return jnp.zeros((memory_size,), bool).at[jnp.asarray(slots)].set(True)
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
+  """"a/b/c" for a pytree key path (dict keys, attribute names or indices)."""
   return "/".join(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
 
 
-def _node_at(params: Mapping[str, Any], path: str) -> Any:
+def node_at(params: Mapping[str, Any], path: str) -> Any:
   """params["a"]["b"]... for path "a/b/..."."""
   node = params
   for name in path.split("/"):
@@ -91,7 +92,7 @@ def _node_at(params: Mapping[str, Any], path: str) -> Any:
 def table_of(params: Mapping[str, Any], layer_path: str) -> str:
   """The value table a memory layer at `layer_path` (e.g. "layer_1/ffn") reads: its own
   "layer_1/ffn/values", or the model's shared "shared_memory_values"."""
-  if VALUES in _node_at(params, layer_path):
+  if VALUES in node_at(params, layer_path):
     return f"{layer_path}/{VALUES}"
   if SHARED_VALUES in params:
     return SHARED_VALUES
@@ -103,7 +104,7 @@ def layer_reads(access: Mapping[str, Any]) -> dict[str, tuple[jax.Array, jax.Arr
   flat = jax.tree_util.tree_flatten_with_path(access, is_leaf=lambda x: isinstance(x, tuple))[0]
   by_layer: dict[str, dict[str, jax.Array]] = {}
   for path, calls in flat:
-    *layer, kind = _path_name(path).split("/")
+    *layer, kind = path_name(path).split("/")
     rows = [jnp.reshape(c, (-1,) + c.shape[-2:]) for c in calls]
     by_layer.setdefault("/".join(layer), {})[kind] = jnp.concatenate(rows)
   return {layer: (reads["idx"], reads["weights"]) for layer, reads in sorted(by_layer.items())}
@@ -115,7 +116,7 @@ def read_histograms(
   """{layer path: (c_N, m_N)} of `pkm.slot_histograms` for every memory layer in `access`."""
   out = {}
   for layer, (idx, weights) in layer_reads(access).items():
-    table = _node_at(params, table_of(params, layer))
+    table = node_at(params, table_of(params, layer))
     out[layer] = pkm.slot_histograms(idx, weights, nn.meta.unbox(table).shape[0])
   return out
 
@@ -157,7 +158,7 @@ def masks_for(
   found = set()
 
   def leaf_mask(path, leaf):
-    name = _path_name(path)
+    name = path_name(path)
     if name in slots_by_table:
       found.add(name)
       return row_mask(leaf.shape[0], slots_by_table[name])

@@ -20,6 +20,11 @@ SHARED_VALUES = "shared_memory_values"
 # Variable collection the layer sows its reads into when the caller makes it mutable: "idx" and
 # "weights", each a tuple of (T, H, K) arrays (see `sparsejax.memory.finetune.access_counts`).
 ACCESS = "memory_access"
+# Variable collection through which the value table's gradient leaves in row form: when the
+# caller makes it mutable, the layer reads the table without gradient and adds to the gathered
+# rows a zero variable "rows" ((T, H k, D), created if absent), so d loss / d rows is the
+# gradient of every row read (see `sparsejax.memory.row_grad`).
+VALUE_ROWS = "memory_value_rows"
 # The mesh axis that the "memory" logical axis (value-table rows) maps to in `sparsejax.sharding`.
 MEMORY_MESH_AXIS = "model"
 
@@ -48,6 +53,13 @@ class ProductKeyMemory(nn.Module):
   `values_param`), the layer reads that table and creates no `values` param of its own, so
   several layers (each with its own query projection and sub-keys) share one memory pool and
   the table's gradient is the sum of their contributions.
+
+  Row-form value gradient: when the caller makes the `VALUE_ROWS` ("memory_value_rows")
+  collection mutable, the table is read under stop_gradient and a zero variable "rows" of the
+  gathered rows' shape (T, H k, D) is added to them, so the table gets no gradient and
+  d loss / d rows holds the gradient of each row read (at the slots sown in `ACCESS`);
+  `sparsejax.memory.row_grad.value_and_row_grad` builds the table's (idx, rows) gradient from it
+  without an N x D buffer. Call the layer once per apply in that mode.
   Lample et al. 2019, "Large Memory Layers with Product Keys"; Berges et al. 2024, "Memory
   Layers at Scale" (memory+ gating, query normalisation, a memory pool shared across layers).
 
@@ -107,8 +119,14 @@ class ProductKeyMemory(nn.Module):
           f"values_ND must have shape (num_keys^2, d_model) = {(self.memory_size, self.d_model)},"
           f" got {values_ND.shape}"
       )
+    rows_delta_TRD = None
+    if self.is_mutable_collection(VALUE_ROWS) and not self.is_initializing():
+      values_ND = jax.lax.stop_gradient(values_ND)
+      shape = (x_TD.shape[0], self.num_heads * self.k, values_ND.shape[1])
+      rows_delta_TRD = self.variable(VALUE_ROWS, "rows", jnp.zeros, shape, values_ND.dtype).value
     # The table stays float32 (casting all N rows would cost O(N D)); only the read is cast.
-    y_TD, idx_THK, weights_THK = pkm.pkm_read(query_THQ, keys_H2PA, values_ND, self.k)
+    y_TD, idx_THK, weights_THK = pkm.pkm_read(query_THQ, keys_H2PA, values_ND, self.k,
+                                              rows_delta_TRD)
     y_TD = y_TD.astype(self.dtype)
     if self.gated:
       gate_TD = nn.silu(x_TD @ self._weight("w1", ("embed", "mlp")))

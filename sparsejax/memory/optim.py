@@ -19,6 +19,7 @@ import jax
 import optax
 
 from sparsejax.memory.layers import SHARED_VALUES, SUBKEYS, VALUES
+from sparsejax.memory.sparse_optim import is_rows
 
 VALUE_LABEL = "memory_values"
 DEFAULT_LABEL = "default"
@@ -51,11 +52,13 @@ def value_lr_labels(params: Any) -> Any:
 
   A leaf is "memory_values" when it is named `values` in a module that also holds `subkeys`,
   i.e. the value table of a `ProductKeyMemory`, or `shared_memory_values` (a table shared by
-  several layers, see `TransformerLM`). Raises ValueError when `params` has none, so a
-  value learning rate is never silently ignored.
+  several layers, see `TransformerLM`). A `sparse_optim.Rows` (a table's gradient in row form)
+  is one leaf. Raises ValueError when `params` has none, so a value learning rate is never
+  silently ignored.
   """
   labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: VALUE_LABEL if _is_value_table(params, path) else DEFAULT_LABEL, params
+      lambda path, _: VALUE_LABEL if _is_value_table(params, path) else DEFAULT_LABEL, params,
+      is_leaf=is_rows,
   )
   if VALUE_LABEL not in jax.tree.leaves(labels):
     raise ValueError(

@@ -114,12 +114,16 @@ def pkm_lookup(query_BHQ: jax.Array, keys_H2PA: jax.Array, k: int) -> tuple[jax.
   return scores_BHK, (slot1_BHK * num_keys + slot2_BHK).astype(jnp.int32)
 
 
-def embedding_bag(values_ND: jax.Array, idx_BK: jax.Array, weights_BK: jax.Array) -> jax.Array:
-  """Weighted sum of gathered value rows: out_b = sum_k w_bk V[idx_bk].
+def embedding_bag(values_ND: jax.Array, idx_BK: jax.Array, weights_BK: jax.Array,
+                  rows_delta_BKD: jax.Array | None = None) -> jax.Array:
+  """Weighted sum of gathered value rows: out_b = sum_k w_bk (V[idx_bk] + delta_bk).
 
   Gathers only the B x K selected rows (never an N-wide array); the gradient w.r.t. V is a
-  scatter-add of w_bk * dout_b into rows idx_bk, zero elsewhere. Leading dims of idx / weights
-  are arbitrary; indices must lie in [0, N) (they are clipped). Computed in `values`' dtype.
+  scatter-add of w_bk * dout_b into rows idx_bk, zero elsewhere. `rows_delta` (same shape as the
+  gathered rows, default none) is added to them: pass zeros and differentiate w.r.t. it to get
+  the gradient of each gathered row, i.e. V's gradient as (idx, rows) without an N x D buffer.
+  Leading dims of idx / weights are arbitrary; indices must lie in [0, N) (they are clipped).
+  Computed in `values`' dtype.
   Lample et al. 2019, "Large Memory Layers with Product Keys" (the EmbeddingBag read).
   """
   if values_ND.ndim != 2:
@@ -129,16 +133,26 @@ def embedding_bag(values_ND: jax.Array, idx_BK: jax.Array, weights_BK: jax.Array
         f"idx and weights must have the same shape, got {idx_BK.shape} and {weights_BK.shape}"
     )
   rows_BKD = jnp.take(values_ND, idx_BK, axis=0, mode="clip")
+  if rows_delta_BKD is not None:
+    if rows_delta_BKD.shape != rows_BKD.shape:
+      raise ValueError(
+          f"rows_delta must have the gathered rows' shape {rows_BKD.shape}, got "
+          f"{rows_delta_BKD.shape}"
+      )
+    rows_BKD = rows_BKD + rows_delta_BKD.astype(rows_BKD.dtype)
   return jnp.einsum("...k,...kd->...d", weights_BK.astype(values_ND.dtype), rows_BKD)
 
 
 def pkm_read(
-    query_BHQ: jax.Array, keys_H2PA: jax.Array, values_ND: jax.Array, k: int
+    query_BHQ: jax.Array, keys_H2PA: jax.Array, values_ND: jax.Array, k: int,
+    rows_delta_BRD: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Multi-head product-key memory read: m(q) = sum_h sum_k softmax(scores_h)_k V[idx_hk].
 
   Each head h looks up its own top-k slots with `pkm_lookup`; its weights are the softmax of
   its k scores (float32); all heads read the same value table and their outputs are summed.
+  `rows_delta_BRD` ((..., H k, D), heads-major) is added to the gathered rows, as in
+  `embedding_bag`.
   Lample et al. 2019, "Large Memory Layers with Product Keys", sections 3.2-3.3.
 
   Returns:
@@ -156,7 +170,8 @@ def pkm_read(
   scores_BHK, idx_BHK = pkm_lookup(query_BHQ, keys_H2PA, k)
   weights_BHK = jax.nn.softmax(scores_BHK, axis=-1)
   flat_shape = idx_BHK.shape[:-2] + (idx_BHK.shape[-2] * k,)
-  out_BD = embedding_bag(values_ND, idx_BHK.reshape(flat_shape), weights_BHK.reshape(flat_shape))
+  out_BD = embedding_bag(values_ND, idx_BHK.reshape(flat_shape), weights_BHK.reshape(flat_shape),
+                         rows_delta_BRD)
   return out_BD, idx_BHK, weights_BHK
 
 
@@ -200,9 +215,24 @@ def histogram_stats(counts_N: jax.Array, mass_N: jax.Array, top: int = 0) -> dic
 def access_stats(
     idx_BHK: jax.Array, weights_BHK: jax.Array, memory_size: int
 ) -> dict[str, jax.Array]:
-  """Telemetry of which slots a batch read: `histogram_stats` of the batch's `slot_histograms`.
+  """Telemetry of which slots a batch read: `histogram_stats` of the batch's reads, in O(R log R).
 
-  Keys memory_usage, access_entropy, top_slot_share: float32 scalars, without gradient; O(N)
-  memory for the two histograms.
+  Keys memory_usage, access_entropy, top_slot_share: float32 scalars, without gradient. Equal to
+  `histogram_stats(*slot_histograms(...))`, but computed over the R = B H K reads only: sorted by
+  slot, each distinct slot's weight mass is a segment sum, and slots never read (zero mass) add
+  nothing to any of the three; so a train step's telemetry costs no O(N) buffer.
   """
-  return histogram_stats(*slot_histograms(idx_BHK, weights_BHK, memory_size))
+  idx_R = jax.lax.stop_gradient(idx_BHK).reshape(-1)
+  weights_R = jax.lax.stop_gradient(weights_BHK).astype(jnp.float32).reshape(-1)
+  order_R = jnp.argsort(idx_R)
+  idx_R, weights_R = idx_R[order_R], weights_R[order_R]
+  first_R = jnp.concatenate([jnp.ones((1,), bool), idx_R[1:] != idx_R[:-1]])
+  segment_R = jnp.cumsum(first_R) - 1
+  mass_R = jnp.zeros_like(weights_R).at[segment_R].add(weights_R)
+  p_R = mass_R / jnp.maximum(jnp.sum(mass_R), 1e-30)
+  entropy = jnp.sum(jax.scipy.special.entr(p_R))
+  return {
+      "memory_usage": (jnp.sum(first_R) / memory_size).astype(jnp.float32),
+      "access_entropy": entropy / math.log(memory_size) if memory_size > 1 else entropy,
+      "top_slot_share": jnp.max(p_R),
+  }

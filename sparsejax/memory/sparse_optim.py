@@ -19,9 +19,12 @@ over the steps that touched it: touched every step, it equals `optax.adamw` exac
 
 Two forms: `row_adam_step` / `row_adagrad_step` take explicit unique row indices (e.g. the
 memory's read indices merged by `merge_rows`) and cost O(R D); `row_adamw` / `row_adagrad` are
-optax transformations that find the touched rows in a dense gradient (`touched_rows`, one
-N x D compare and an O(N) compaction to a static capacity) and return a delta that is zero
-outside them.
+optax transformations. Given a table's gradient as `Rows` (unique row indices and their
+gradient, e.g. from `sparsejax.memory.row_grad.value_and_row_grad`) they cost O(R D) and return
+the update as `Rows`; `tree_norm`, `clip_by_global_norm` and `apply_updates` are optax's on
+trees holding `Rows` (what `config.train.memory_values="sparse"` runs). Given a dense gradient
+they find the touched rows (`touched_rows`, one N x D compare and an O(N) compaction to a static
+capacity) and return a dense delta that is zero outside them.
 
 Berges et al. 2024, "Memory Layers at Scale" (sparse updates of the memory values); Lample et al.
 2019, "Large Memory Layers with Product Keys" (sparse value updates); Duchi et al. 2011 and the
@@ -42,6 +45,18 @@ class RowAdamState(NamedTuple):
   last_step_N: jax.Array
   mu_ND: jax.Array
   nu_ND: jax.Array
+
+
+class Rows(NamedTuple):
+  """A value table's gradient or update in row form: row idx_R[r] holds rows_RD[r], every other
+  row 0. idx_R: unique int32 row indices, ascending, padded with N (padded rows are 0)."""
+  idx_R: jax.Array
+  rows_RD: jax.Array
+
+
+def is_rows(tree) -> bool:
+  """Whether `tree` is a `Rows` (the `is_leaf` for tree maps that treat it as one leaf)."""
+  return isinstance(tree, Rows)
 
 
 class RowAdagradState(NamedTuple):
@@ -113,6 +128,13 @@ def _decayed(rows_RD: jax.Array, last_R: jax.Array, step: jax.Array, lr: jax.Arr
   return rows_RD.astype(jnp.float32) * factor_R[:, None]
 
 
+def _after(last_R: jax.Array, step: jax.Array) -> jax.Array:
+  """step for every row (last < step), computed from the gathered `last`: a scatter of values
+  that depend on the gather lets XLA update last_step in place instead of copying its N
+  entries first."""
+  return jnp.maximum(last_R, step)
+
+
 def row_adam_step(table_ND: jax.Array, state: RowAdamState, idx_R: jax.Array, grad_RD: jax.Array,
                   learning_rate: jax.Array, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                   weight_decay: float = 0.0) -> tuple[jax.Array, RowAdamState]:
@@ -147,7 +169,7 @@ def _adam_rows(table_ND, state, idx_R, grad_RD, learning_rate, b1, b2, eps, weig
   new_state = RowAdamState(
       step,
       state.count_N.at[idx_R].set(count_R, mode="drop"),
-      state.last_step_N.at[idx_R].set(step, mode="drop"),
+      state.last_step_N.at[idx_R].set(_after(last_R, step), mode="drop"),
       state.mu_ND.at[idx_R].set(mu_RD, mode="drop"),
       state.nu_ND.at[idx_R].set(nu_RD, mode="drop"),
   )
@@ -181,7 +203,8 @@ def _adagrad_rows(table_ND, state, idx_R, grad_RD, learning_rate, eps, weight_de
   last_R = state.last_step_N.at[idx_R].get(mode="fill", fill_value=0)
   new_RD = (_decayed(rows_RD, last_R, step, lr, weight_decay)
             - lr * grad_RD / (jnp.sqrt(sum_sq_R)[:, None] + eps))
-  new_state = RowAdagradState(step, state.last_step_N.at[idx_R].set(step, mode="drop"),
+  new_state = RowAdagradState(step, state.last_step_N.at[idx_R].set(_after(last_R, step),
+                                                                  mode="drop"),
                               state.sum_sq_N.at[idx_R].set(sum_sq_R, mode="drop"))
   return new_RD, new_state
 
@@ -195,21 +218,60 @@ def _row_transform(init_leaf, rows_leaf, learning_rate: optax.ScalarOrSchedule,
     if params is None:
       raise ValueError("row-sparse optimizers need params (for the update and the lazy decay)")
 
-    def leaf(grad_ND, leaf_state, table_ND):
+    def leaf(grad, leaf_state, table_ND):
       lr = learning_rate(leaf_state.step) if callable(learning_rate) else learning_rate
-      idx_R = touched_rows(grad_ND, capacity)
-      grad_RD = grad_ND.at[idx_R].get(mode="fill", fill_value=0)
+      if is_rows(grad):
+        idx_R, grad_RD = grad.idx_R[:capacity], grad.rows_RD[:capacity]
+      else:
+        idx_R = touched_rows(grad, capacity)
+        grad_RD = grad.at[idx_R].get(mode="fill", fill_value=0)
       new_RD, new_state = rows_leaf(table_ND, leaf_state, idx_R, grad_RD, lr)
       delta_RD = new_RD - table_ND.at[idx_R].get(mode="fill", fill_value=0).astype(jnp.float32)
-      delta_ND = jnp.zeros_like(table_ND).at[idx_R].set(delta_RD.astype(table_ND.dtype),
-                                                         mode="drop")
-      return delta_ND, new_state
+      delta_RD = jnp.where((idx_R < table_ND.shape[0])[:, None], delta_RD, 0.0)
+      delta_RD = delta_RD.astype(table_ND.dtype)
+      if is_rows(grad):
+        return Rows(idx_R, delta_RD), new_state
+      return jnp.zeros_like(table_ND).at[idx_R].set(delta_RD, mode="drop"), new_state
 
-    pairs = jax.tree.map(leaf, updates, state, params)
-    return (jax.tree.map(lambda _, pair: pair[0], updates, pairs),
-            jax.tree.map(lambda _, pair: pair[1], updates, pairs))
+    pairs = jax.tree.map(leaf, updates, state, params, is_leaf=is_rows)
+    return (jax.tree.map(lambda _, pair: pair[0], updates, pairs, is_leaf=is_rows),
+            jax.tree.map(lambda _, pair: pair[1], updates, pairs, is_leaf=is_rows))
 
   return optax.GradientTransformation(lambda params: jax.tree.map(init_leaf, params), update_fn)
+
+
+def tree_norm(tree) -> jax.Array:
+  """optax.tree.norm, a `Rows` leaf counting its rows: sqrt(sum of squares), equal to the norm
+  of the dense tree since a `Rows`' indices are unique."""
+  return optax.tree.norm(jax.tree.map(lambda x: x.rows_RD if is_rows(x) else x, tree,
+                                      is_leaf=is_rows))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm on trees holding `Rows`: g <- g min(1, max_norm / ||g||), with
+  ||g|| = `tree_norm(g)` over all leaves; a `Rows` scales its rows."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = tree_norm(updates)
+    keep = norm < max_norm
+    clip = lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(lambda x: Rows(x.idx_R, clip(x.rows_RD)) if is_rows(x) else clip(x),
+                        updates, is_leaf=is_rows), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def apply_updates(params, updates):
+  """optax.apply_updates, a `Rows` update added to its rows only: V.at[idx].add(rows), O(R D)
+  (in place when params are donated), every other row left bit-identical."""
+
+  def apply(param, update):
+    if is_rows(update):
+      return param.at[update.idx_R].add(update.rows_RD.astype(param.dtype), mode="drop")
+    return optax.apply_updates(param, update)
+
+  return jax.tree.map(apply, params, updates)
 
 
 def row_adamw(learning_rate: optax.ScalarOrSchedule, capacity: int, b1: float = 0.9,
@@ -217,8 +279,10 @@ def row_adamw(learning_rate: optax.ScalarOrSchedule, capacity: int, b1: float = 
               weight_decay: float = 1e-4) -> optax.GradientTransformation:
   """Lazy row-wise AdamW (`row_adam_step`) for a tree of (N, D) value tables, as optax.
 
-  Each step finds the rows with a non-zero gradient (`touched_rows`, at most `capacity` per
-  table), updates them and returns params' delta: new - old on those rows, exactly 0 elsewhere.
+  Each step updates the rows of a `Rows` gradient (its first `capacity` rows), or else finds
+  the rows with a non-zero dense gradient (`touched_rows`, at most `capacity` per table), and
+  returns params' delta new - old on those rows: as `Rows` for a `Rows` gradient, else dense
+  and exactly 0 elsewhere.
   The learning rate (or schedule, read at the step count before this step, as optax does) and
   the deferred decay follow the module docstring. Defaults are `optax.adamw`'s.
   """

@@ -176,7 +176,7 @@ def test_claims_summary_and_table():
       {"method": "rigl", "sparsity": 0.9, "mean": pytest.approx(0.6),
        "std": pytest.approx(0.02 ** 0.5), "runs": 2},
   ]
-  lines = claims.markdown_table(summary).splitlines()
+  lines = claims.table({"runs": rows, "sparsities": [0.9, 0.98]}).splitlines()
   assert lines[0] == "| method | 90% sparse | 98% sparse |"
   assert lines[2] == "| dense (0 % sparse) | 95.00 ± 5.00 | 95.00 ± 5.00 |"
   assert "| rigl | 60.00 ± 14.14 | - |" in lines

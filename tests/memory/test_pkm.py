@@ -111,6 +111,20 @@ def test_access_stats_hand_case():
   np.testing.assert_allclose(stats["access_entropy"], np.log(2) / np.log(4), rtol=1e-6)
 
 
+def test_access_stats_match_numpy_histograms():
+  rng = np.random.default_rng(7)
+  idx = rng.integers(0, 50, size=(6, 2, 4))
+  weights = rng.random(size=(6, 2, 4)).astype(np.float32)
+  mass = np.zeros(64)
+  np.add.at(mass, idx.reshape(-1), weights.reshape(-1).astype(np.float64))
+  p = mass / mass.sum()
+  stats = jax.jit(pkm.access_stats, static_argnums=2)(jnp.asarray(idx), jnp.asarray(weights), 64)
+  np.testing.assert_allclose(stats["memory_usage"], len(np.unique(idx)) / 64)
+  np.testing.assert_allclose(stats["top_slot_share"], p.max(), rtol=1e-6)
+  entropy = -np.sum(p[p > 0] * np.log(p[p > 0])) / np.log(64)
+  np.testing.assert_allclose(stats["access_entropy"], entropy, rtol=1e-5)
+
+
 def test_read_is_jittable_and_vmappable():
   query, keys, values = random_case(3)
   want = pkm.pkm_read(query, keys, values, 2)[0]

@@ -7,8 +7,6 @@ import optax
 import pytest
 
 from experiments import optim as run_optim
-from experiments.bench import memory as bench_memory
-from sparsejax.memory import pkm
 from sparsejax.memory import sparse_optim
 
 N, D = 6, 3
@@ -184,36 +182,3 @@ def test_trainer_optimizer_switch_updates_only_read_rows():
     run_optim.make_optimizer(_train_config(memory_values="sparse"))
   with pytest.raises(ValueError, match="memory_values"):
     run_optim.make_optimizer(_train_config(memory_values="lazy"))
-
-
-def test_bench_train_step_matches_dense_gradients_and_adamw():
-  rng = np.random.default_rng(6)
-  num_keys, tokens, k, dim, query = 3, 4, 2, 5, 4
-  params = {"w_q": jnp.asarray(rng.normal(size=(dim, query)), jnp.float32),
-            "subkeys": jnp.asarray(rng.normal(size=(1, 2, num_keys, query // 2)), jnp.float32),
-            "values": jnp.asarray(rng.normal(size=(num_keys**2, dim)), jnp.float32)}
-  x, target = (jnp.asarray(rng.normal(size=(tokens, dim)), jnp.float32) for _ in range(2))
-  lr, wd = bench_memory.TRAIN_LEARNING_RATE, bench_memory.TRAIN_WEIGHT_DECAY
-  dense_tx = optax.adamw(lr, weight_decay=wd)
-  dense = {"w_q": params["w_q"], "subkeys": params["subkeys"]}
-  opt_state = (dense_tx.init(dense), sparse_optim.init_row_adam(params["values"]))
-  new, _, loss = jax.jit(bench_memory.train_step, static_argnums=(0, 1))(
-      k, dense_tx, params, opt_state, x, target)
-
-  def dense_loss(p):
-    read = pkm.pkm_read((x @ p["w_q"])[:, None, :], p["subkeys"], p["values"], k)[0]
-    return jnp.mean((x + read - target) ** 2)
-
-  want_loss, grads = jax.jit(jax.value_and_grad(dense_loss))(params)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-  updates, _ = jax.jit(dense_tx.update)({"w_q": grads["w_q"], "subkeys": grads["subkeys"]},
-                               dense_tx.init(dense), dense)
-  # atol: Adam's first step g / (|g| + eps) is ill-conditioned where g cancels to ~eps.
-  for name in ("w_q", "subkeys"):
-    np.testing.assert_allclose(new[name], dense[name] + updates[name], rtol=1e-5, atol=0.1 * lr)
-  # Step 1 of Adam moves each touched entry by lr * sign(g), after one step of decay.
-  g, v = np.asarray(grads["values"]), np.asarray(params["values"])
-  touched = np.any(g != 0, axis=1)
-  want = np.where(touched[:, None], v * (1 - lr * wd) - lr * np.sign(g), v)
-  np.testing.assert_allclose(new["values"], want, rtol=1e-5, atol=1e-6)
-  assert 0 < touched.sum() < num_keys**2
