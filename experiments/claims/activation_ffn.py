@@ -19,7 +19,7 @@ from experiments.configs import topk_ffn_lm
 
 ARMS = (("dense", lm_dense.get_config), ("topk", topk_ffn_lm.get_config),
         ("predicted", predicted_ffn_lm.get_config))
-COST = 0.02  # bits/byte: what "costs little" means here, about twice the default LM's seed spread
+COST = 0.03  # bits/byte: "costs little", about twice the default LM's seed std (default_lm)
 
 
 def run(seeds: Sequence[int], fast: bool) -> dict:
@@ -75,5 +75,5 @@ CLAIM = claims.Claim(
     setup="The default LM (`lm_dense.py`, 400 steps) with every FFN keeping 10 % of its hidden "
           "units per token: exact top-k (`topk_ffn_lm.py`) or a rank-32 predictor trained "
           "alongside (`predicted_ffn_lm.py`).",
-    expected="top-k and predicted within 0.02 bits/byte of dense",
+    expected="top-k and predicted within 0.03 bits/byte of dense",
     run=run, table=table, judge=judge, plot=plot, default_seeds=1, minutes=30)

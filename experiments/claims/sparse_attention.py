@@ -37,7 +37,7 @@ ATTENTIONS = (
 
 
 NAMES = {key: name for key, name, _ in ATTENTIONS}
-TIE = 0.02  # bits/byte: about twice the default LM's seed spread (the default_lm claim)
+TIE = 0.03  # bits/byte: about twice the default LM's seed std over 3 seeds (default_lm)
 
 
 def _factory(attention: dict):
@@ -110,5 +110,5 @@ CLAIM = claims.Claim(
     setup="The default LM (`lm_dense.py`, 400 steps) with only `model.attention` changed; "
           "block-sparse patterns use blocks of 16 of the 128 positions; attended fraction = mean "
           "over queries of attended / causal keys.",
-    expected="every structured pattern within 0.02 bits/byte of dense or better",
+    expected="every structured pattern within 0.03 bits/byte of dense or better",
     run=run, table=table, judge=judge, plot=plot, default_seeds=1, minutes=65)
