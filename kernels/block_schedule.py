@@ -13,12 +13,15 @@ step (live = 0) so that the kernel writes its zeros; the list is padded to a fix
 repeating its last step (live = 0), so that schedules of different masks with the same number of
 blocks have the same shapes and a Pallas pipeline sees no new block index on the padding.
 
-Built once on the host with NumPy; a `BlockSchedule` is a pytree of int32 arrays (the grid shape
-is static) that jitted code and Pallas scalar prefetch take as is. Layout as in BSR/CSR sparse
+Built once on the host with NumPy (`build_block_schedule`), or inside `jit` from traced block
+positions (`build_block_schedule_traced`, for masks that move during training); a
+`BlockSchedule` is a pytree of int32 arrays (the grid shape is static) that jitted code and
+Pallas scalar prefetch take as is. Layout as in BSR/CSR sparse
 formats (Saad 2003, "Iterative Methods for Sparse Linear Systems", sec. 3.4).
 """
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -142,3 +145,77 @@ def _take_or_zero(values_Z: np.ndarray, index_S: np.ndarray) -> np.ndarray:
 def _pad_repeating(values_S: np.ndarray, pad: int) -> np.ndarray:
   """`values_S` with its last entry repeated `pad` more times, as int32."""
   return np.concatenate([values_S, np.repeat(values_S[-1:], pad)]).astype(np.int32)
+
+
+def traced_capacity(num_blocks: int, grid_shape: tuple[int, int]) -> int:
+  """Z + max(R - ceil(Z / C), C - ceil(Z / R)): the most steps any mask with Z blocks needs.
+
+  A row holds at most C blocks, so at least ceil(Z / C) rows are non-empty (likewise columns).
+  """
+  num_rows, num_cols = grid_shape
+  return num_blocks + max(num_rows - -(-num_blocks // num_cols),
+                          num_cols - -(-num_blocks // num_rows))
+
+
+def build_block_schedule_traced(rows_Z: jax.Array, cols_Z: jax.Array,
+                                grid_shape: tuple[int, int],
+                                capacity: int | None = None) -> BlockSchedule:
+  """The schedule of the Z distinct blocks at (rows_Z[z], cols_Z[z]), built with jnp (jit-safe).
+
+  Block z is the z-th entry of the blocks array; the blocks may come in any order (each pass
+  visits them sorted by output, then input). For blocks in row-major order the result equals
+  `build_block_schedule` of their mask with the same capacity.
+
+  Args:
+    rows_Z, cols_Z: `[Z]` int block positions, possibly traced; Z, the grid and capacity static.
+    grid_shape: (R, C).
+    capacity: steps per pass; default and minimum `traced_capacity(Z, (R, C))`, enough for any
+      mask with Z blocks (it cannot be checked against traced positions).
+
+  Returns:
+    A `BlockSchedule` of int32 jnp arrays.
+  """
+  num_rows, num_cols = grid_shape
+  if min(num_rows, num_cols) < 1 or rows_Z.ndim != 1 or rows_Z.shape != cols_Z.shape:
+    raise ValueError(f"need [Z] rows and cols and a grid of positive sides, got shapes "
+                     f"{rows_Z.shape}, {cols_Z.shape} and grid_shape {grid_shape}")
+  num_blocks = rows_Z.shape[0]
+  if num_blocks > num_rows * num_cols:
+    raise ValueError(f"{num_blocks} blocks do not fit a {num_rows}x{num_cols} grid")
+  least = traced_capacity(num_blocks, grid_shape)
+  capacity = least if capacity is None else capacity
+  if capacity < least:
+    raise ValueError(f"capacity={capacity} is below {least}, the steps a mask with "
+                     f"{num_blocks} blocks on a {num_rows}x{num_cols} grid may need")
+  rows_Z, cols_Z = jnp.asarray(rows_Z, jnp.int32), jnp.asarray(cols_Z, jnp.int32)
+  row_order_Z = jnp.lexsort((cols_Z, rows_Z)).astype(jnp.int32)
+  col_order_Z = jnp.lexsort((rows_Z, cols_Z)).astype(jnp.int32)
+  return BlockSchedule(
+      rows_Z=rows_Z,
+      cols_Z=cols_Z,
+      by_row=_traced_steps(rows_Z[row_order_Z], cols_Z[row_order_Z], row_order_Z, num_rows,
+                           capacity),
+      by_col=_traced_steps(cols_Z[col_order_Z], rows_Z[col_order_Z], col_order_Z, num_cols,
+                           capacity),
+      grid_shape=(num_rows, num_cols),
+  )
+
+
+def _traced_steps(out_Z: jax.Array, in_Z: jax.Array, block_Z: jax.Array, num_outputs: int,
+                  capacity: int) -> BlockSteps:
+  """`_build_steps` in jnp with a static number of steps: step s belongs to the output o with
+  start[o] <= s < start[o + 1] (the last output for padding steps), is live if s < the step count
+  and o has blocks, and reads the live block numbered (live steps before it, inclusive) - 1."""
+  count_O = jnp.bincount(out_Z, length=num_outputs)
+  start_O1 = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                              jnp.cumsum(jnp.maximum(count_O, 1)).astype(jnp.int32)])
+  step_S = jnp.arange(capacity, dtype=jnp.int32)
+  out_S = jnp.minimum(jnp.searchsorted(start_O1[1:], step_S, side="right"), num_outputs - 1)
+  live_S = ((step_S < start_O1[-1]) & (count_O[out_S] > 0)).astype(jnp.int32)
+  source_S = jnp.maximum(jnp.cumsum(live_S) - 1, 0)
+  if out_Z.shape[0] == 0:
+    in_S = block_S = jnp.zeros(capacity, jnp.int32)
+  else:
+    in_S, block_S = in_Z[source_S], block_Z[source_S]
+  return BlockSteps(out_S=out_S.astype(jnp.int32), in_S=in_S.astype(jnp.int32),
+                    block_S=block_S.astype(jnp.int32), live_S=live_S, start_O1=start_O1)

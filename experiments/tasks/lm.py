@@ -15,9 +15,11 @@ from experiments import data as data_lib
 from experiments.tasks.base import TASKS
 from experiments.tasks.base import Task
 from experiments.tasks.base import weighted_cross_entropy
+from sparsejax import masks
 from sparsejax import memory
 from sparsejax import models
 from sparsejax import registry
+from sparsejax.masks import bsr
 
 
 def with_data_statistics(model_config: ml_collections.ConfigDict,
@@ -80,6 +82,25 @@ class LanguageModel(Task):
     window = memory.window_metrics(histograms, prefix="eval/")
     return {"eval/loss": loss, "eval/bpb": loss / math.log(2),
             **{k: float(v) if jnp.ndim(v) == 0 else v for k, v in window.items()}}
+
+  def wrap_optimizer(self, tx):
+    """With a block-sparse FFN (`moves_blocks`, e.g. "block_sparse"): `bsr.block_wrap`, its
+    blocks moved by `config.sparsity.updater` ("static", "set", "rigl") on
+    `config.sparsity.schedule` (a drop-fraction schedule; "none" = never)."""
+    if not getattr(registry.FFNS.get(self.config.model.ffn.name), "moves_blocks", False):
+      return tx
+    sparsity = self.config.sparsity
+    if sparsity.enabled:
+      raise ValueError("config.sparsity.enabled=True masks dense params; a block-sparse FFN "
+                       "keeps its own blocks: set it False (its updater and schedule still apply)")
+    updater, schedule = sparsity.updater.to_dict(), sparsity.schedule.to_dict()
+    if set(updater) != {"name"}:
+      raise ValueError(f"config.sparsity.updater={updater} for a block-sparse FFN takes only "
+                       f"a name, one of {bsr.BLOCK_UPDATERS}")
+    name = schedule.pop("name")
+    return bsr.block_wrap(tx, updater["name"],
+                          None if name == "none" else masks.make_schedule(name, **schedule),
+                          seed=self.config.seed)
 
   def active_fraction(self, path, axes):
     """Routed experts count k / num_experts ("expert" axis; k = 1 for a layer without k, such
