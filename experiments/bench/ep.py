@@ -51,6 +51,9 @@ from sparsejax.moe import parallel  # pylint: disable=g-import-not-at-top,wrong-
 
 DESCRIPTION = "Expert-parallel MoE fwd+bwd on 8 devices: step time and all_to_all bytes vs EP"
 BASELINE = "ep1"
+# Columns of the README table (experiments/claims/readme.py): {row key: header}.
+README_COLUMNS = {"ep": "EP degree", "a2a_MiB_per_device": "all_to_all MiB / device / step",
+                  "payload": "buffer rows carrying a token"}
 
 NUM_DEVICES = 8
 FULL = {"batch": 16, "length": 256, "d_model": 128, "num_experts": 16, "d_ff": 256}

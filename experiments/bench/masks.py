@@ -41,6 +41,9 @@ from sparsejax.masks import condensed, export, structures
 
 DESCRIPTION = "condensed constant-fan-in layer vs dense x@W (B=1, 256) and sparse checkpoint bytes"
 BASELINE = "dense_b1"
+# Columns of the README table (experiments/claims/readme.py): {row key: header}.
+README_COLUMNS = {"speedup_vs_dense_same_batch": "speed-up vs dense, same batch",
+                  "disk_bytes": "MB on disk", "bytes_vs_dense": "bytes vs dense checkpoint"}
 
 FEATURES = 4096
 QUICK_FEATURES = 512

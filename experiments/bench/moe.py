@@ -43,6 +43,9 @@ from sparsejax.moe import routing
 
 DESCRIPTION = "MoE fwd+bwd: dropless grouped matmul vs dense FFN, one-hot einsum, ragged_dot"
 BASELINE = "dense_ffn"
+# Columns of the README table (experiments/claims/readme.py): {row key: header}.
+README_COLUMNS = {"shape": "shape", "active_gflop": "active GFLOP",
+                  "time_vs_dense_ffn": "time vs the dense FFN of its shape"}
 
 TOP_K = 2  # of the coarse shape, which the one-hot and ragged_dot baselines use
 FULL = {"tokens": 4096, "d_model": 256, "num_experts": 32, "d_ff": 512, "k": TOP_K}

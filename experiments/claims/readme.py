@@ -72,7 +72,9 @@ def _cell(key: str, value) -> str:
     return "-"
   if key.endswith("_bytes"):
     return f"{value / 1e6:,.1f}"
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if isinstance(value, bool):
+    return "yes" if value else "**no**"
+  if not isinstance(value, (int, float)):
     return str(value)
   return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
 
@@ -80,7 +82,7 @@ def _cell(key: str, value) -> str:
 def render_bench(name: str, rows: list[dict]) -> str:
   """One benchmark's table: median (min-max), then either the speed-up against its BASELINE or
   the module's `README_COLUMNS` ({row key: header}; `*_bytes` keys shown in MB), peak memory
-  and the target."""
+  and the speed-up target (unless the columns show the row's own "target")."""
   from experiments import bench  # pylint: disable=import-outside-toplevel
   module = bench.load(name)
   columns = getattr(module, "README_COLUMNS", None)
@@ -88,7 +90,7 @@ def render_bench(name: str, rows: list[dict]) -> str:
   interleaved = all("min_s" in r for r in rows)
   header = ["case", "median ms"]
   header += list(columns.values()) if columns else [f"speed-up vs `{module.BASELINE}`"]
-  header += ["peak MiB", "target"]
+  header += ["peak MiB"] + ([] if columns and "target" in columns else ["target"])
   table_rows = []
   for r in rows:
     spread = f" ({_ms(r['min_s'])}–{_ms(r['max_s'])})" if interleaved else ""
@@ -97,10 +99,11 @@ def render_bench(name: str, rows: list[dict]) -> str:
     else:
       middle = [f"{baseline / r['median_s']:.2f}×" if baseline else "-"]
     peak = f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
-    target = "-"
-    if "target" in r:
-      target = f"{r['target']:.3g}× {'met' if r.get('met') else '**missed**'}"
-    table_rows.append([f"`{r['case']}`", _ms(r["median_s"]) + spread, *middle, peak, target])
+    target = []
+    if not (columns and "target" in columns):
+      target = [f"{r['target']:.3g}× {'met' if r.get('met') else '**missed**'}"
+                if "target" in r else "-"]
+    table_rows.append([f"`{r['case']}`", _ms(r["median_s"]) + spread, *middle, peak, *target])
   shapes = sorted({r["shape"] for r in rows if "shape" in r})
   timing = ("cases timed interleaved, median (min–max) over the rounds" if interleaved else
             "cases timed one after another, before the interleaved harness: due to be re-measured")
