@@ -1,5 +1,6 @@
 """Timing and memory helpers shared by the benchmarks."""
 import contextlib
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -23,7 +24,8 @@ def interleaved_calls(calls: dict[str, Callable[[], Any]], *, repeats: int,
   """One row per call `{name: fn}`, timed round-robin so load drift hits every call alike.
 
   Each round runs every call once, in order; a row holds the median wall seconds over `repeats`
-  rounds after `warmup` rounds, with min_s and max_s as the spread.
+  rounds after `warmup` rounds, with min_s and max_s as the spread, and the machine's 1-minute
+  load average when the rounds ended (`load_avg`: what else was running).
   """
   if repeats < 1:
     raise ValueError(f"repeats={repeats} must be >= 1")
@@ -34,8 +36,9 @@ def interleaved_calls(calls: dict[str, Callable[[], Any]], *, repeats: int,
       call()
       if round_index >= warmup:
         times[name].append(time.perf_counter() - start)
-  return [{"case": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)}
-          for name, t in times.items()]
+  load_avg = round(os.getloadavg()[0], 1)
+  return [{"case": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+           "load_avg": load_avg} for name, t in times.items()]
 
 
 def interleaved_cases(cases: dict[str, tuple], *, repeats: int,

@@ -105,12 +105,15 @@ def render_bench(name: str, rows: list[dict]) -> str:
                 if "target" in r else "-"]
     table_rows.append([f"`{r['case']}`", _ms(r["median_s"]) + spread, *middle, peak, *target])
   shapes = sorted({r["shape"] for r in rows if "shape" in r})
+  loads = sorted({r["load_avg"] for r in rows if "load_avg" in r})
   timing = ("cases timed interleaved, median (min–max) over the rounds" if interleaved else
             "cases timed one after another, before the interleaved harness: due to be re-measured")
   intro = (f"#### `python -m experiments.bench {name}`: {module.DESCRIPTION}\n\n"
            f"Rows: [`experiments/bench/results/{name}_cpu.json`]"
            f"(experiments/bench/results/{name}_cpu.json); {timing}"
-           + (f"; shape {', '.join(shapes)}" if shapes else "") + ".\n\n")
+           + (f"; shape {', '.join(shapes)}" if shapes else "")
+           + (f"; load average {loads[-1]:g} on the 2 cores when timed" if loads else "")
+           + ".\n\n")
   return intro + claims.markdown_table(header, table_rows)
 
 
