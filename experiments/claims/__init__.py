@@ -175,13 +175,3 @@ def bar_plot(path: str, groups: dict[str, Sequence[float]], ylabel: str, title: 
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
-
-
-def write_results(out_dir: str, name: str, payload: Any, markdown: str, **json_kwargs) -> None:
-  """Writes `payload` to OUT_DIR/NAME.json (indent 1, `json_kwargs` to `json.dump`) and the
-  text `markdown` to OUT_DIR/NAME.md, creating OUT_DIR."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump(payload, f, indent=1, **json_kwargs)
-  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-    f.write(markdown)
