@@ -14,6 +14,7 @@ text, the command, seeds, wall time, verdict and payload), `DIR/NAME.md` (the ta
 generated from it by `python -m experiments.claims.readme`) or, with `--fast`, the uncommitted
 `experiments/claims/results/fast/`, whose numbers are smoke-test numbers and mean nothing.
 """
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -152,26 +153,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def figure(path: str, figsize: tuple[float, float], title: str):
+  """Yields the axes of a one-panel matplotlib figure (Agg backend), then titles it and writes it
+  to `path` as a PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=figsize)
+  try:
+    yield ax
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+  finally:
+    plt.close(fig)
+
+
 def bar_plot(path: str, groups: dict[str, Sequence[float]], ylabel: str, title: str) -> None:
   """Bars of each group's mean with its seeds' min-max as error bars and the seeds as dots."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = list(groups)
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.2))
-  for i, name in enumerate(names):
-    values = np.asarray(groups[name], np.float64)
-    ax.bar(i, values.mean(), color="tab:blue", alpha=0.6)
-    ax.vlines(i, values.min(), values.max(), color="k")
-    ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
-  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-  low = min(min(v) for v in groups.values())
-  high = max(max(v) for v in groups.values())
-  pad = 0.1 * (high - low) or 0.05 * abs(high) or 0.1
-  ax.set_ylim(low - 3 * pad, high + pad)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  with figure(path, (max(4.0, 0.9 * len(names) + 1.5), 3.2), title) as ax:
+    for i, name in enumerate(names):
+      values = np.asarray(groups[name], np.float64)
+      ax.bar(i, values.mean(), color="tab:blue", alpha=0.6)
+      ax.vlines(i, values.min(), values.max(), color="k")
+      ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    low = min(min(v) for v in groups.values())
+    high = max(max(v) for v in groups.values())
+    pad = 0.1 * (high - low) or 0.05 * abs(high) or 0.1
+    ax.set_ylim(low - 3 * pad, high + pad)
+    ax.set_ylabel(ylabel)

@@ -134,23 +134,16 @@ def judge(payload: dict) -> tuple[str, str]:
 
 
 def plot(payload: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for policy in dict.fromkeys(r["policy"] for r in payload["rows"] if r["policy"] != "full"):
-    rows = [r for r in payload["rows"] if r["policy"] == policy]
-    ax.plot([r["budget"] for r in rows], [max(r["delta_bpb"], 1e-4) for r in rows], "o-",
-            label=policy)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("budget (cached tokens per head and layer)")
-  ax.set_ylabel("Δ bits/byte vs full attention")
-  ax.legend(fontsize=7)
-  ax.set_title("decode-time token selection on the default LM", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  with claims.figure(path, (5.5, 3.6), "decode-time token selection on the default LM") as ax:
+    for policy in dict.fromkeys(r["policy"] for r in payload["rows"] if r["policy"] != "full"):
+      rows = [r for r in payload["rows"] if r["policy"] == policy]
+      ax.plot([r["budget"] for r in rows], [max(r["delta_bpb"], 1e-4) for r in rows], "o-",
+              label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("budget (cached tokens per head and layer)")
+    ax.set_ylabel("Δ bits/byte vs full attention")
+    ax.legend(fontsize=7)
 
 
 CLAIM = claims.Claim(

@@ -111,21 +111,14 @@ def judge(payload: dict) -> tuple[str, str]:
 
 
 def plot(payload: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.4))
-  for r in payload["probes"]:
-    ax.plot(PROBE_KS, [r[f"k{k}"] for k in PROBE_KS], "o-", label=f"{r['label']} "
-            f"(majority {r['majority']:.2f})")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("neurons in the probe (k)")
-  ax.set_ylabel("held-out accuracy")
-  ax.legend(fontsize=7)
-  ax.set_title(f"k-sparse probes on {PROBE_SITE}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  with claims.figure(path, (5, 3.4), f"k-sparse probes on {PROBE_SITE}") as ax:
+    for r in payload["probes"]:
+      ax.plot(PROBE_KS, [r[f"k{k}"] for k in PROBE_KS], "o-", label=f"{r['label']} "
+              f"(majority {r['majority']:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("neurons in the probe (k)")
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize=7)
 
 
 CLAIM = claims.Claim(

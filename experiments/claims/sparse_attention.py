@@ -82,22 +82,15 @@ def judge(payload: dict) -> tuple[str, str]:
 
 
 def plot(payload: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   bpb = claims.group(payload["runs"], "arm", "eval_bpb")
   fraction = claims.group(payload["runs"], "arm", "attended_fraction")
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for arm in bpb:
-    x, y = claims.mean_std(fraction[arm])[0], claims.mean_std(bpb[arm])[0]
-    ax.plot(x, y, "o", color="tab:red" if arm == "dense" else "tab:blue")
-    ax.annotate(arm, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-  ax.set_xlabel("attended fraction of the causal keys")
-  ax.set_ylabel("eval bits/byte")
-  ax.set_title("sparse attention at equal steps (default LM)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  with claims.figure(path, (5.5, 3.6), "sparse attention at equal steps (default LM)") as ax:
+    for arm in bpb:
+      x, y = claims.mean_std(fraction[arm])[0], claims.mean_std(bpb[arm])[0]
+      ax.plot(x, y, "o", color="tab:red" if arm == "dense" else "tab:blue")
+      ax.annotate(arm, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("attended fraction of the causal keys")
+    ax.set_ylabel("eval bits/byte")
 
 
 CLAIM = claims.Claim(
