@@ -4,6 +4,7 @@
 `make_sparse_optimizer` wraps it in `sparsejax.masks.wrap` (the mask lives in the optimizer
 state, so it is checkpointed and sharded with it).
 """
+import re
 from typing import Any, Callable
 
 import jax
@@ -77,6 +78,35 @@ def _value_rows(train: ml_collections.ConfigDict) -> int:
   return rows
 
 
+def check_sam(train: ml_collections.ConfigDict, params: Any) -> None:
+  """Raises ValueError when `train.sam_rho` / `train.sam_rule` cannot work on `params` (plain or
+  abstract): rho < 0 or not a number, an invalid regex, with rho > 0 a rule matching no param,
+  or (`memory_values="sparse"`) one matching a memory value table, whose gradient is then in
+  row form. rho = 0 (SAM off) ignores the rule."""
+  rho, rule = train.sam_rho, train.sam_rule
+  if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+    raise ValueError(f"config.train.sam_rho={rho!r} must be a number >= 0 (0 = SAM off)")
+  if rho == 0:
+    return
+  try:
+    pattern = re.compile(rule)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"config.train.sam_rule={rule!r} is not a regex: {e}") from None
+  paths = [masks.path_str(key_path)
+           for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  matched = [path for path in paths if pattern.search(path)]
+  if not matched:
+    raise ValueError(f"config.train.sam_rule={rule!r} (with config.train.sam_rho={rho}) matches "
+                     f"no param; the params are {', '.join(paths)}")
+  if train.get("memory_values") == "sparse":
+    labels = dict(zip(paths, jax.tree.leaves(memory.value_lr_labels(params))))
+    tables = [path for path in matched if labels[path] == memory.optim.VALUE_LABEL]
+    if tables:
+      raise ValueError(f"config.train.sam_rule={rule!r} matches the memory value tables "
+                       f"{', '.join(tables)}, whose gradients are rows under config.train."
+                       f"memory_values='sparse': leave them out of the rule or use 'dense'")
+
+
 def _named_entry(section: str, entry: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
   """("name", other fields) of a free-form `{"name": ..., **kwargs}` config entry."""
   kwargs = entry.to_dict()
@@ -110,14 +140,15 @@ def initial_mask_inputs(sparsity: ml_collections.ConfigDict, grad_fn: Callable[[
 
 def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collections.ConfigDict,
                           params: Any, seed: int, init_kwargs: dict[str, Any] | None = None,
-                          init: str | None = None):
+                          init: str | None = None, overrides: dict[str, float] | None = None):
   """(`tx` under `sparsejax.masks.wrap`, the initial `Mask`) as `config.sparsity` describes.
 
   The initial mask keeps a `sparsity.density` fraction of the sparsified leaves of `params`,
   spread over the leaves by `sparsity.distribution`, scored by `sparsity.init` (random draws
   from fold_in(PRNGKey(seed), MASK_RNG_STREAM); gradient-scored inits need `init_kwargs` from
-  `initial_mask_inputs`; `init` scores with another init instead); the updater and schedule
-  come from the registries by name.
+  `initial_mask_inputs`; `init` scores with another init instead; `overrides` {path regex:
+  density} fixes some leaves' densities, as in `masks.layer_densities`); the updater and
+  schedule come from the registries by name.
   """
   check_sparsity(sparsity)
   rules = tuple((pattern, spec.to_dict() if hasattr(spec, "to_dict") else spec)
@@ -126,7 +157,7 @@ def make_sparse_optimizer(tx: optax.GradientTransformation, sparsity: ml_collect
   try:
     mask = masks.make_mask(params, sparsity.density, sparsity.distribution, rules,
                            init=init or sparsity.init, key=key, power=sparsity.erk_power,
-                           **(init_kwargs or {}))
+                           overrides=overrides, **(init_kwargs or {}))
   except ValueError as e:
     raise ValueError(f"config.sparsity (density={sparsity.density}): {e}") from None
   updater_name, updater_kwargs = _named_entry("sparsity.updater", sparsity.updater)

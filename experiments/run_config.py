@@ -18,14 +18,15 @@ import ml_collections
 from experiments.configs import base as base_config
 
 # Subtrees whose extra keys are a layer's own arguments, validated by the model builder.
-FREE_FORM_KEYS = ("model.ffn", "model.attention", "model.embedding", "classifier",
-                  "sae.dictionary", "sparsity.updater", "sparsity.schedule")
+FREE_FORM_KEYS = ("model.ffn", "model.attention", "model.embedding", "model.architecture",
+                  "classifier", "sae.dictionary", "sparsity.updater", "sparsity.schedule")
 # Fields a resumed run may change: length, logging, the optimizer's hyperparameters (not its
 # structure), checkpointing, mesh, where data lives, and the warm start (fresh runs only).
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.plot_expert_load", "train.learning_rate", "train.warmup_steps",
              "train.end_lr_fraction", "train.weight_decay", "train.b1", "train.b2",
-             "train.grad_clip", "checkpoint.*", "mesh.*", "init.*", "data.data_dir")
+             "train.grad_clip", "train.sam_rho", "train.sam_rule", "checkpoint.*", "mesh.*",
+             "init.*", "data.data_dir")
 CONFIG_FILE = "config.json"
 
 

@@ -30,6 +30,7 @@ from experiments.run_config import ConfigError
 from sparsejax import masks
 from sparsejax import sharding
 from sparsejax.auxiliary import total_aux_loss
+from sparsejax.masks import sam_on
 from sparsejax.memory import row_grad
 from sparsejax.memory import sparse_optim
 
@@ -66,13 +67,32 @@ def objective(task: tasks.Task, params, model_state, batch, *, deterministic: bo
   return loss + total_aux_loss(aux), (loss, metrics, aux, model_state)
 
 
+def sam_grads(grad_fn: Callable, weights, grads, rho: float, rule: str):
+  """∇L(w + ε), the sharpness-aware gradient, from `grad_fn(w) -> ∇L(w)` and g = `grads`.
+
+  ε = ρ g_S / ‖g_S‖₂ on the leaves S whose path matches `rule`, 0 elsewhere
+  (`sam_on.sam_perturbation`); memory value tables whose gradient is in row form
+  (`sparse_optim.Rows`) are never perturbed. Foret et al. (2021), "Sharpness-Aware Minimization";
+  on normalisation layers only (the default rule): Mueller et al. (2023), "Normalization Layers
+  Are All That Sharpness-Aware Minimization Needs".
+  """
+  eps = sam_on.sam_perturbation(grads, rho, rule)
+  return grad_fn(jax.tree.map(lambda e, w: w if sparse_optim.is_rows(e) else w + e, eps, weights,
+                              is_leaf=sparse_optim.is_rows))
+
+
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule,
-                    forward_params: Callable | None = None, value_rows: bool = False) -> Callable:
+                    forward_params: Callable | None = None, value_rows: bool = False,
+                    sam_rho: float = 0.0, sam_rule: str = sam_on.NORM_RULE) -> Callable:
   """(state, batch) -> (state, metrics); `finite/loss` and `finite/update` are False when that
   quantity went NaN/inf. With `forward_params(params, opt_state) -> w` (sparse training: the
   masked weights), the loss and its gradient are taken at w. With `value_rows`
   (config.train.memory_values="sparse"), memory value tables' gradients and updates are
-  `sparse_optim.Rows` (`row_grad.value_and_row_grad`): no N x D buffer in the step."""
+  `sparse_optim.Rows` (`row_grad.value_and_row_grad`): no N x D buffer in the step. With
+  `sam_rho` > 0 (config.train.sam_rho / sam_rule) the optimizer gets `sam_grads` (the gradient
+  at w + ε, ε from the gradient at w, masked like w under sparse training, so pruned weights
+  stay 0); the loss, metrics and model state reported are those at w, and
+  `train/grad_norm` is the norm of the gradient the optimizer gets."""
   if value_rows and forward_params is not None:
     raise ValueError("config.train.memory_values='sparse' does not combine with sparse training "
                      "(config.sparsity.enabled)")
@@ -84,8 +104,12 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
     rngs = {name: jax.random.fold_in(step_rng, i) for i, name in enumerate(RNG_STREAMS)}
     weights = (state["params"] if forward_params is None
                else forward_params(state["params"], state["opt_state"]))
-    (total, (loss, task_metrics, aux, model_state)), grads = value_and_grad(
-        task, weights, state["model_state"], batch, deterministic=False, rngs=rngs)
+    value_and_grad_at = lambda w: value_and_grad(task, w, state["model_state"], batch,
+                                                 deterministic=False, rngs=rngs)
+    (total, (loss, task_metrics, aux, model_state)), grads = value_and_grad_at(weights)
+    if sam_rho:
+      kept = grads if forward_params is None else forward_params(grads, state["opt_state"])
+      grads = sam_grads(lambda w: value_and_grad_at(w)[1], weights, kept, sam_rho, sam_rule)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     update_norm = sparse_optim.tree_norm(updates)
     new_state = {"step": state["step"] + 1,
@@ -134,6 +158,7 @@ class Trainer:
       self.initial_mask = (self._make_sparse_optimizer(model_state, fresh)
                            if config.sparsity.enabled else None)
       self._init_abstract_state()  # traces the model: layers check their settings here
+      optim.check_sam(config.train, self.abstract_state["params"])
     except ValueError as e:
       self.checkpoints.close()
       raise ConfigError(str(e)) from None
@@ -143,7 +168,8 @@ class Trainer:
       forward = optim.masked_params if self.initial_mask is not None else None
       self.train_step = jax.jit(
           make_train_step(self.task, self.tx, self.schedule, forward,
-                          value_rows=config.train.get("memory_values") == "sparse"),
+                          value_rows=config.train.get("memory_values") == "sparse",
+                          sam_rho=config.train.sam_rho, sam_rule=config.train.sam_rule),
           in_shardings=(self.state_shardings, self.batch_sharding),
           out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
       self.eval_step = jax.jit(self.task.eval_step, in_shardings=(

@@ -48,6 +48,7 @@ class Registry(Generic[T]):
 
 
 MODELS: Registry = Registry("model")  # whole models named by configs, e.g. "mlp"
+LMS: Registry = Registry("lm architecture")  # model.architecture of task "lm", e.g. "universal"
 FFNS: Registry = Registry("ffn")
 ATTENTIONS: Registry = Registry("attention")
 EMBEDDINGS: Registry = Registry("embedding")  # LM input embeddings other than the plain table

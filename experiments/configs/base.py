@@ -8,6 +8,8 @@ inside `classifier`, `sae.dictionary`, `sparsity.updater` and `sparsity.schedule
 import ml_collections
 from ml_collections import config_dict
 
+from sparsejax.masks import sam_on
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -42,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Input embedding: {"name": "table"}, or e.g. {"name": "hashed", "num_rows": 4096, "max_n": 3,
   # "num_hashes": 2} (hashed byte n-grams; needs tie_embeddings=False).
   c.model.embedding = ml_collections.ConfigDict({"name": "table"})
+  # The LM architecture (sparsejax.registry.LMS) and its own fields: "transformer" (num_layers
+  # blocks), "universal" (one shared block applied up to num_layers times, with halting).
+  c.model.architecture = ml_collections.ConfigDict({"name": "transformer"})
 
   # task="classify": a registered model (sparsejax.registry.MODELS) and its own arguments.
   c.classifier = ml_collections.ConfigDict({"name": "mlp"})
@@ -61,6 +66,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.init = "tied"  # or "active_subspace"; b_dec starts at the data's geometric median
   c.sae.dictionary = ml_collections.ConfigDict({"kind": "topk", "num_latents": 2048, "k": 16})
 
+  # task="forecast": next-patch forecasting of synthetic multi-frequency series
+  # (data.name="synthetic_series", experiments/tasks/forecast.py) by a decoder-only Transformer
+  # with c.model's settings; train.seq_len is the number of input patches.
+  c.forecast = ml_collections.ConfigDict()
+  c.forecast.patch_size = 8
+  c.forecast.projection = "shared"  # "shared" (Moirai-MoE) | "per_frequency" (Moirai)
+  c.forecast.train_series = 16384  # training windows; eval: train.eval_batches x batch_size
+  c.forecast.data_seed = 0
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 400
   c.train.batch_size = 32
@@ -79,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (batch_size x seq_len x heads x k, times the layers sharing a table).
   c.train.memory_values = "dense"
   c.train.memory_value_rows = config_dict.placeholder(int)
+  # Sharpness-aware minimisation: the optimizer gets the gradient at w + eps, eps = rho g_S/|g_S|
+  # on the params whose path matches sam_rule (default: normalisation layers, SAM-ON); 0 = off.
+  # Costs a second gradient evaluation per step.
+  c.train.sam_rho = 0.0
+  c.train.sam_rule = sam_on.NORM_RULE
   c.train.log_every = 50
   c.train.eval_every = 100
   c.train.eval_batches = 16

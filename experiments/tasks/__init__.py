@@ -4,7 +4,9 @@
 this package registers the built-in tasks.
 """
 from experiments.tasks import classify  # noqa: F401 (registers "classify")
+from experiments.tasks import forecast  # noqa: F401 (registers "forecast")
 from experiments.tasks import lm  # noqa: F401 (registers "lm")
+from experiments.tasks import recsys  # noqa: F401 (registers "recsys")
 from experiments.tasks import sae  # noqa: F401 (registers "sae")
 from experiments.tasks.base import TASKS
 from experiments.tasks.base import Task

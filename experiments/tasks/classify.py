@@ -37,6 +37,13 @@ class Classify(Task):
     self.description = (f"{self.train_source.summary()}; eval {eval_data.summary()}; "
                         f"{num_classes} classes")
 
+  def apply(self, variables, batch, **kwargs):
+    """The model on `batch`; a model that `takes_labels` also gets the targets as `labels_B`
+    when training (not deterministic), e.g. for class-constrained routing."""
+    if getattr(self.model, "takes_labels", False) and not kwargs.get("deterministic", True):
+      kwargs["labels_B"] = batch["targets"]
+    return self.model.apply(variables, batch["inputs"], **kwargs)
+
   def init_inputs(self):
     return jnp.zeros((1, self.train_source.inputs.shape[1]))
 

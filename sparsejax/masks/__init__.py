@@ -29,3 +29,5 @@ from sparsejax.masks.acdc_training import ACDC, ACDCPhases, acdc, reset_on_sched
 from sparsejax.masks.relevance import GReg, greg_grad, relevance_decay
 from sparsejax.masks.layer_lottery import (block_scores, blocks_to_drop, drop_blocks,
                                            kept_layer_indices)
+from sparsejax.masks.dass import DassResult, dass_search, discretise, relaxed_mask
+from sparsejax.masks.safs import SAFSMLP, UNARY_OPERATORS, lahc_search, safs_activation

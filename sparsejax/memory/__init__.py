@@ -10,6 +10,7 @@ from sparsejax.memory import optim
 from sparsejax.memory import pkm
 from sparsejax.memory import row_grad
 from sparsejax.memory import sparse_optim
+from sparsejax.memory import tfree_head
 from sparsejax.memory.finetune import (
     access_counts,
     masks_for,
@@ -23,6 +24,7 @@ from sparsejax.memory.hashed_embedding import HashedEmbedding, hashed_embed, ngr
 from sparsejax.memory.layers import ACCESS, ProductKeyMemory
 from sparsejax.memory.optim import make_memory_optimizer, value_lr_labels
 from sparsejax.memory.row_grad import value_and_row_grad
+from sparsejax.memory.tfree_head import TFreeHead, decode_words, tfree_loss, vocab_buckets
 from sparsejax.memory.pkm import (
     access_stats,
     embedding_bag,
@@ -37,8 +39,10 @@ __all__ = [
     "ACCESS",
     "HashedEmbedding",
     "ProductKeyMemory",
+    "TFreeHead",
     "access_counts",
     "access_stats",
+    "decode_words",
     "embedding_bag",
     "finetune",
     "hashed_embed",
@@ -58,9 +62,12 @@ __all__ = [
     "slot_histograms",
     "sparse_optim",
     "sparse_update",
+    "tfree_head",
+    "tfree_loss",
     "tfidf_scores",
     "top_slots",
     "value_and_row_grad",
     "value_lr_labels",
+    "vocab_buckets",
     "window_metrics",
 ]

@@ -36,7 +36,7 @@ MIX1 = np.uint32(0x85EBCA6B)
 MIX2 = np.uint32(0xC2B2AE35)
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
+def fmix32(h: jax.Array) -> jax.Array:
   """murmur3's 32-bit finaliser (uint32 -> uint32, a bijection that mixes every bit)."""
   h = h ^ (h >> 16)
   h = h * MIX1
@@ -86,7 +86,7 @@ def ngram_rows(
       key = (key ^ back[s]) * FNV_PRIME
     exists = jnp.broadcast_to(time_T >= n - 1, key.shape)
     for seed in seeds:
-      rows.append((_fmix32(key ^ seed) % np.uint32(num_rows)).astype(jnp.int32))
+      rows.append((fmix32(key ^ seed) % np.uint32(num_rows)).astype(jnp.int32))
       valid.append(exists)
   return jnp.stack(rows, axis=-1), jnp.stack(valid, axis=-1)
 

@@ -44,7 +44,14 @@ in by registering itself, without edits to the model):
 
   `positions` is "rope" (the layer must apply rotary embeddings to its queries and keys, e.g.
   with `sparsejax.models.apply_rope`) or "learned" (the model adds them to its input; the layer
-  does nothing). The layer must be causal.
+  does nothing). The layer must be causal. A class that declares `max_len` also gets the
+  model's (e.g. the token-mixing MLPs "token_mlp" / "token_moe", whose spatial weights are
+  max_len x max_len); configs must not set it.
+* LM architecture: `model.architecture={"name": ...}` picks a `TransformerLM` subclass
+  registered with `@LMS.register("name")`, built by `build_lm` with every TransformerLM field
+  plus the entry's other keys as its own fields; it reuses the embedding and head and overrides
+  `_apply_blocks(x_BTD, tokens_BT, *, deterministic) -> (x_BTD, aux)` (e.g. "universal", one
+  shared block applied recurrently with halting, `sparsejax.models.universal`).
 * Call: `layer(x_BTD, *, deterministic: bool) -> (y_BTD, aux)`, `deterministic` keyword-only,
   with y_BTD of x_BTD's shape and `aux = {"losses": {name: scalar}, "metrics": {name: array}}`
   (`sparsejax.auxiliary.empty_aux()` when there is nothing). The model merges every block's aux
@@ -64,6 +71,8 @@ from sparsejax.models.layers import (
     logical_param,
 )
 from sparsejax.models.mlp import MLP, build_classifier, lenet_300_100
+from sparsejax.models.recsys import DLRM
+from sparsejax.models.universal import UniversalLM
 from sparsejax.models.transformer import (
     ATTENTION_CONTRACT,
     FFN_CONTRACT,
@@ -79,12 +88,14 @@ __all__ = [
     "FFN_CONTRACT",
     "FFN_OPTIONAL",
     "CausalSelfAttention",
+    "DLRM",
     "DecoderBlock",
     "DenseFFN",
     "MLP",
     "SmallCNN",
     "TOKEN_IDS_CONTRACT",
     "TransformerLM",
+    "UniversalLM",
     "apply_rope",
     "build_classifier",
     "build_lm",

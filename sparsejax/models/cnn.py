@@ -11,7 +11,7 @@ declaring `takes_feature_maps` get (B, H, W, C) as is), ... Every block's aux is
 Shape letters beyond the DESIGN legend: H, W the image height and width (not heads), C
 channels, Y classes.
 """
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -56,19 +56,22 @@ class ConvBlock(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BHWC: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+  def __call__(self, x_BHWC: jax.Array, *, deterministic: bool = True,
+               labels_B: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ffn_cls = FFNS.get(self.ffn)
+    labels = ({"labels_B": labels_B}
+              if labels_B is not None and getattr(ffn_cls, "takes_labels", False) else {})
     ffn = ffn_cls(**contract_fields(ffn_cls, d_model=self.channels, d_ff=self.d_ff,
                                     dtype=self.dtype),
                   name="ffn", **dict(self.ffn_kwargs))
     h_BHWC = _conv(self.channels, self.kernel_size, self.channels, "dwconv", self.dtype)(x_BHWC)
     h_BHWC = _layer_norm("norm", self.dtype)(h_BHWC)
     if getattr(ffn_cls, "takes_feature_maps", False):
-      y_BHWC, ffn_aux = ffn(h_BHWC, deterministic=deterministic)
+      y_BHWC, ffn_aux = ffn(h_BHWC, deterministic=deterministic, **labels)
     else:
       batch, height, width, channels = h_BHWC.shape
       y_BTC, ffn_aux = ffn(h_BHWC.reshape(batch, height * width, channels),
-                           deterministic=deterministic)
+                           deterministic=deterministic, **labels)
       y_BHWC = y_BTC.reshape(h_BHWC.shape)
     return x_BHWC + y_BHWC, merge_aux("ffn", ffn_aux, empty_aux())
 
@@ -89,9 +92,12 @@ class SmallCNN(nn.Module):
       task's `(B, H W C)` features (e.g. (8, 8, 1) for the digits); None takes 4-D images only.
     dtype: compute dtype; params and logits are float32.
 
-  Call: `model(images_BHWC, deterministic=True) -> (logits_BY, aux)`; images must be 4-D, or
-  2-D `(B, H W C)` with `image_shape` set.
+  Call: `model(images_BHWC, deterministic=True, labels_B=None) -> (logits_BY, aux)`; images
+  must be 4-D, or 2-D `(B, H W C)` with `image_shape` set. `labels_B` (the "classify" task
+  passes the targets when training, as the model `takes_labels`) reach the FFNs that declare
+  `takes_labels` (class-constrained routing, `sparsejax.moe.class_constrained`).
   """
+  takes_labels: ClassVar[bool] = True
   num_classes: int
   channels: int = 32
   num_blocks: int = 2
@@ -129,8 +135,8 @@ class SmallCNN(nn.Module):
     return tuple(sorted(dict(self.ffn_kwargs).items()))
 
   @nn.compact
-  def __call__(self, images_BHWC: jax.Array, *,
-               deterministic: bool = True) -> tuple[jax.Array, Aux]:
+  def __call__(self, images_BHWC: jax.Array, *, deterministic: bool = True,
+               labels_B: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     if images_BHWC.ndim == 2 and self.image_shape is not None:
       images_BHWC = images_BHWC.reshape(images_BHWC.shape[0], *self.image_shape)
     if images_BHWC.ndim != 4:
@@ -144,7 +150,8 @@ class SmallCNN(nn.Module):
       x_BHWC, block_aux = ConvBlock(
           channels=self.channels, d_ff=self.d_ff, kernel_size=self.kernel_size,
           ffn=self.ffn if selected else "dense", ffn_kwargs=self._kwargs() if selected else (),
-          dtype=self.dtype, name=f"block_{block}")(x_BHWC, deterministic=deterministic)
+          dtype=self.dtype, name=f"block_{block}")(x_BHWC, deterministic=deterministic,
+                                                   labels_B=labels_B)
       aux = merge_aux(f"block_{block}", block_aux, aux)
     pooled_BC = _layer_norm("final_norm", self.dtype)(jnp.mean(x_BHWC, axis=(1, 2)))
     head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",

@@ -17,7 +17,7 @@ import ml_collections
 
 from sparsejax.auxiliary import Aux, empty_aux, merge_aux
 from sparsejax.models.layers import POSITIONS, logical_param
-from sparsejax.registry import ATTENTIONS, EMBEDDINGS, FFNS, Registry
+from sparsejax.registry import ATTENTIONS, EMBEDDINGS, FFNS, LMS, Registry
 from sparsejax.sites import Site
 
 Kwargs = tuple[tuple[str, Any], ...]
@@ -29,6 +29,9 @@ FFN_OPTIONAL = ("d_ff",)
 # Also passed to an FFN that declares `takes_token_ids`: the range of the ids it receives.
 TOKEN_IDS_CONTRACT = ("vocab_size",)
 ATTENTION_CONTRACT = ("d_model", "num_heads", "positions", "dtype")
+# Set by the model only in an attention class that declares it: the longest sequence (e.g. the
+# size of a token-mixing MLP's spatial weights).
+ATTENTION_OPTIONAL = ("max_len",)
 # Input embeddings other than the plain "table" come from `EMBEDDINGS`: these fields always,
 # `vocab_size` when the class declares it.
 EMBEDDING_CONTRACT = ("d_model", "dtype")
@@ -69,6 +72,7 @@ class DecoderBlock(nn.Module):
   attention: str
   attention_kwargs: Kwargs
   dtype: Any
+  max_len: int | None = None
 
   @nn.compact
   def __call__(
@@ -80,11 +84,10 @@ class DecoderBlock(nn.Module):
       values_ND: jax.Array | None = None,
       deterministic: bool = True,
   ) -> tuple[jax.Array, Aux]:
-    attention = ATTENTIONS.get(self.attention)(
-        d_model=self.d_model,
-        num_heads=self.num_heads,
-        positions=self.positions,
-        dtype=self.dtype,
+    attention_cls = ATTENTIONS.get(self.attention)
+    attention = attention_cls(
+        **contract_fields(attention_cls, d_model=self.d_model, num_heads=self.num_heads,
+                          positions=self.positions, dtype=self.dtype, max_len=self.max_len),
         name="attention",
         **dict(self.attention_kwargs),
     )
@@ -123,6 +126,7 @@ class DecoderBlock(nn.Module):
     return inputs
 
 
+@LMS.register("transformer")
 class TransformerLM(nn.Module):
   """Decoder-only Transformer LM: embed, `num_layers` pre-norm blocks, RMSNorm, project to vocab.
 
@@ -209,18 +213,7 @@ class TransformerLM(nn.Module):
       )
       x_BTD = x_BTD + pos_TD[:seq_len]
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
-    router_DE = self._shared_router() if self.shared_router else None
-    values_ND = self._shared_values() if self.shared_memory_values else None
-    aux = empty_aux()
-    for layer in range(self.num_layers):
-      x_BTD, block_aux = self._block(layer)(
-          x_BTD,
-          token_ids_BT=tokens_BT,
-          router_DE=router_DE if self._selected(layer) else None,
-          values_ND=values_ND if self._selected(layer) else None,
-          deterministic=deterministic,
-      )
-      aux = merge_aux(f"layer_{layer}", block_aux, aux)
+    x_BTD, aux = self._apply_blocks(x_BTD, tokens_BT, deterministic=deterministic)
     x_BTD = _rms_norm("final_norm", self.dtype)(x_BTD)
     if self.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
@@ -238,6 +231,25 @@ class TransformerLM(nn.Module):
         logits_BTV.astype(jnp.float32), ("batch", "length", "vocab")
     )
     return logits_BTV, aux
+
+  def _apply_blocks(
+      self, x_BTD: jax.Array, tokens_BT: jax.Array, *, deterministic: bool
+  ) -> tuple[jax.Array, Aux]:
+    """x_L = block_L(... block_1(x_0)) with the merged aux; LM architectures that reuse this
+    model's embedding and head (e.g. "universal") override it."""
+    router_DE = self._shared_router() if self.shared_router else None
+    values_ND = self._shared_values() if self.shared_memory_values else None
+    aux = empty_aux()
+    for layer in range(self.num_layers):
+      x_BTD, block_aux = self._block(layer)(
+          x_BTD,
+          token_ids_BT=tokens_BT,
+          router_DE=router_DE if self._selected(layer) else None,
+          values_ND=values_ND if self._selected(layer) else None,
+          deterministic=deterministic,
+      )
+      aux = merge_aux(f"layer_{layer}", block_aux, aux)
+    return x_BTD, aux
 
   def _selected(self, layer: int) -> bool:
     """Whether block `layer` uses the configured FFN (per `ffn_layers`) rather than "dense"."""
@@ -267,8 +279,9 @@ class TransformerLM(nn.Module):
         **dict(self._ffn_kwargs()),
     )
 
-  def _block(self, layer: int) -> DecoderBlock:
-    """Block `layer`, with the configured FFN when selected by `ffn_layers`, else "dense"."""
+  def _block(self, layer: int, name: str | None = None) -> DecoderBlock:
+    """Block `layer` (named `name`, default f"layer_{layer}"), with the configured FFN when
+    selected by `ffn_layers`, else "dense"."""
     selected = self._selected(layer)
     return DecoderBlock(
         d_model=self.d_model,
@@ -280,7 +293,8 @@ class TransformerLM(nn.Module):
         attention=self.attention,
         attention_kwargs=self.attention_kwargs,
         dtype=self.dtype,
-        name=f"layer_{layer}",
+        max_len=self.max_len,
+        name=name or f"layer_{layer}",
     )
 
 
@@ -320,7 +334,8 @@ def _validate_lm(lm: TransformerLM) -> None:
   ffn_cls = FFNS.get(lm.ffn)
   ffn_contract = FFN_CONTRACT + (TOKEN_IDS_CONTRACT if _takes_token_ids(ffn_cls) else ())
   _check_layer_kwargs(FFNS, lm.ffn, ffn_contract, lm.ffn_kwargs, FFN_OPTIONAL)
-  _check_layer_kwargs(ATTENTIONS, lm.attention, ATTENTION_CONTRACT, lm.attention_kwargs)
+  _check_layer_kwargs(ATTENTIONS, lm.attention, ATTENTION_CONTRACT, lm.attention_kwargs,
+                     ATTENTION_OPTIONAL)
   if lm.shared_router and not getattr(ffn_cls, "shares_router", False):
     sharing = [name for name in FFNS if getattr(FFNS.get(name), "shares_router", False)]
     raise ValueError(
@@ -388,7 +403,13 @@ _OPTIONAL_FIELDS = {
     "shared_memory_values": False,
     "embedding": {"name": "table"},
     "dtype": "float32",
+    "architecture": {"name": "transformer"},
 }
+# What `build_lm` sets in every `LMS` architecture: the TransformerLM fields.
+LM_CONTRACT = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len", "positions",
+               "tie_embeddings", "ffn", "ffn_kwargs", "ffn_layers", "attention",
+               "attention_kwargs", "shared_router", "shared_memory_values", "embedding",
+               "embedding_kwargs", "dtype")
 
 
 def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> TransformerLM:
@@ -400,7 +421,10 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
   form), shared_router=False (one router weight for all MoE layers, see `TransformerLM`),
   shared_memory_values=False (one value table for all memory layers), embedding={"name":
   "table"} (or a registered `EMBEDDINGS` name plus its kwargs, e.g. {"name": "hashed",
-  "num_rows": 4096, "max_n": 3, "num_hashes": 2}, which needs tie_embeddings=False), dtype="float32" ("float32" | "bfloat16"). Any inconsistency is a one-line ValueError.
+  "num_rows": 4096, "max_n": 3, "num_hashes": 2}, which needs tie_embeddings=False), dtype="float32" ("float32" | "bfloat16"),
+  architecture={"name": "transformer"} (or another `LMS` name plus its own fields, e.g.
+  {"name": "universal", "halting": True}: a TransformerLM subclass taking every field above).
+  Any inconsistency is a one-line ValueError.
   """
   config = model_config.to_dict()
   unknown = sorted(set(config) - set(_REQUIRED_FIELDS) - set(_OPTIONAL_FIELDS))
@@ -418,8 +442,10 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
   ffn, ffn_kwargs = _split_layer_config("ffn", config["ffn"])
   attention, attention_kwargs = _split_layer_config("attention", config["attention"])
   embedding, embedding_kwargs = _split_layer_config("embedding", config["embedding"])
+  architecture, architecture_kwargs = _split_layer_config("architecture", config["architecture"])
+  _check_layer_kwargs(LMS, architecture, LM_CONTRACT, architecture_kwargs)
   ffn_layers = config["ffn_layers"]
-  return TransformerLM(
+  return LMS.get(architecture)(
       vocab_size=vocab_size,
       d_model=config["d_model"],
       num_layers=config["num_layers"],
@@ -438,6 +464,7 @@ def build_lm(model_config: ml_collections.ConfigDict, vocab_size: int) -> Transf
       embedding=embedding,
       embedding_kwargs=embedding_kwargs,
       dtype=_DTYPES[config["dtype"]],
+      **dict(architecture_kwargs),
   )
 
 

@@ -60,6 +60,8 @@ TARGETS = ("in", "out")
 SHARED_WEIGHTS = {"wi": ("in", ("embed", "mlp")), "wi_gate": ("in", ("embed", "mlp")),
                   "wo": ("out", ("mlp", "embed"))}
 LORA_A, LORA_B = "_lora_a", "_lora_b"  # suffixes of adapter params, e.g. "wi_lora_a"
+# Every routed adapter param: LoRA's, and the bottleneck adapters of `adapter_experts` (PESC).
+ADAPTER_SUFFIXES = (LORA_A, LORA_B, "adapter_down", "adapter_up")
 ROUTER = "router_DE"
 SHARED_ROUTER = "shared_router"  # TransformerLM(shared_router=True)'s router weight
 ADAPTERS_LABEL, FROZEN_LABEL = "adapters", "frozen"
@@ -146,6 +148,17 @@ def lora_moe_experts(params: core.Params, x_TD: jax.Array, plan: plan_lib.Dispat
   return y_TD, None
 
 
+def shared_ffn_params(module: nn.Module) -> dict[str, jax.Array]:
+  """The shared FFN's weights as DenseFFN creates them ("wi", "wo"(, "wi_gate")), params of
+  `module` (fields d_model, d_ff, expert, dtype, param_dtype), in its dtype."""
+  names = ("wi", "wi_gate", "wo") if module.expert == "swiglu" else ("wi", "wo")
+  shapes = {"wi": (module.d_model, module.d_ff), "wi_gate": (module.d_model, module.d_ff),
+            "wo": (module.d_ff, module.d_model)}
+  return {name: module.param(name, nn.with_logical_partitioning(
+      nn.initializers.lecun_normal(), SHARED_WEIGHTS[name][1]), shapes[name],
+                             module.param_dtype).astype(module.dtype) for name in names}
+
+
 @FFNS.register("lora_moe")
 class LoRAMoE(nn.Module):
   """Mixture of LoRA experts: one shared FFN, E routed rank-R adapters (module docstring).
@@ -224,7 +237,7 @@ class LoRAMoE(nn.Module):
                router_DE: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     """Returns (y_BTD, aux) with the MoE layer's aux (losses and metrics)."""
     batch, length, d_model = x_BTD.shape
-    shared = self._shared_params()
+    shared = shared_ffn_params(self)
     params = shared | router_params(self, router_DE)
     for name, w_IO in shared.items():
       if SHARED_WEIGHTS[name][0] in self.targets:
@@ -234,15 +247,6 @@ class LoRAMoE(nn.Module):
     y_TD, aux = apply_with_learned_router(self, params, x_BTD.reshape(batch * length, d_model),
                                           expert_fn, deterministic=deterministic)
     return y_TD.reshape(x_BTD.shape), aux
-
-  def _shared_params(self) -> dict[str, jax.Array]:
-    """The shared FFN's weights, as DenseFFN creates them."""
-    names = ("wi", "wi_gate", "wo") if self.expert == "swiglu" else ("wi", "wo")
-    shapes = {"wi": (self.d_model, self.d_ff), "wi_gate": (self.d_model, self.d_ff),
-              "wo": (self.d_ff, self.d_model)}
-    return {name: self.param(name, nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), SHARED_WEIGHTS[name][1]), shapes[name],
-                             self.param_dtype).astype(self.dtype) for name in names}
 
   def _adapter(self, name: str, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
     """(A_EIR, B_ERO) of the shared weight `name` of shape (I, O)."""
@@ -264,20 +268,21 @@ def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
 def param_labels(params: Mapping[str, Any]) -> Any:
   """A tree like `params` labelling each leaf "adapters" or "frozen" (for multi_transform).
 
-  "adapters": the "{w}_lora_a" / "{w}_lora_b" params and the "router_DE" of every module that
-  holds LoRA adapters, and a top-level "shared_router" (TransformerLM's Omni-Router) when any
-  module does; "frozen": everything else (shared FFNs, attention, embeddings, norms). Leaves
-  may be boxed (`nn.LogicallyPartitioned`); the label replaces the whole box. Raises ValueError
-  when `params` holds no adapter, so freezing never silently freezes everything.
+  "adapters": the "{w}_lora_a" / "{w}_lora_b" params (or adapter_moe's "adapter_down" /
+  "adapter_up": `ADAPTER_SUFFIXES`) and the "router_DE" of every module that holds them, and
+  a top-level "shared_router" (TransformerLM's Omni-Router) when any module does; "frozen":
+  everything else (shared FFNs, attention, embeddings, norms). Leaves may be boxed
+  (`nn.LogicallyPartitioned`); the label replaces the whole box. Raises ValueError when
+  `params` holds no adapter, so freezing never silently freezes everything.
   """
   flat = _flat(params)
-  lora_modules = {path[:-1] for path in flat if path[-1].endswith(LORA_A)}
+  lora_modules = {path[:-1] for path in flat if path[-1].endswith(ADAPTER_SUFFIXES)}
   if not lora_modules:
-    raise ValueError("params hold no LoRA adapter (a '*_lora_a' param of a lora_moe layer); "
-                     "nothing would be trained")
+    raise ValueError("params hold no LoRA adapter (a '*_lora_a' param of a lora_moe layer) nor "
+                     "bottleneck adapter (adapter_moe); nothing would be trained")
 
   def label(path):
-    trained = (path[:-1] in lora_modules and (path[-1].endswith((LORA_A, LORA_B))
+    trained = (path[:-1] in lora_modules and (path[-1].endswith(ADAPTER_SUFFIXES)
                                               or path[-1] == ROUTER)) or path == (SHARED_ROUTER,)
     return ADAPTERS_LABEL if trained else FROZEN_LABEL
 
@@ -311,7 +316,7 @@ def load_dense_ffn(dense_params: Mapping[str, Any], lora_params: Mapping[str, An
     if jnp.shape(dense[path]) != jnp.shape(lora[path]):
       raise ValueError(f"param {'/'.join(path)}: dense shape {jnp.shape(dense[path])} != "
                        f"lora_moe shape {jnp.shape(lora[path])}")
-  for module in {path[:-1] for path in lora if path[-1].endswith(LORA_A)}:
+  for module in {path[:-1] for path in lora if path[-1].endswith(ADAPTER_SUFFIXES)}:
     gate = module + ("wi_gate",)
     if gate in lora and module + ("wi",) in dense and gate not in dense:
       raise ValueError(f"{'/'.join(module)}: the dense FFN has no 'wi_gate' (GELU) but the "

@@ -32,6 +32,9 @@ def test_config_builds_its_model(path):
   if config.task == "classify":
     _check_classifier(config)
     return
+  if config.task not in ("lm", "sae"):
+    _check_task_model(config)
+    return
   model_config = config.model
   if model_config.ffn.get("token_frequencies") == "train":
     model_config = tasks.lm.with_data_statistics(model_config, _UniformCounts())
@@ -51,6 +54,16 @@ def _check_classifier(config):
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   logits, aux = jax.eval_shape(lambda v: model.apply(v, x), variables)
   assert logits.shape == (1, data.digits.NUM_CLASSES) and set(aux) == {"losses", "metrics"}
+  _check_sparsity(config, variables)
+
+
+def _check_task_model(config):
+  """Any other task: its model traces on the task's own init inputs (builds the task's data)."""
+  task = tasks.build_task(config)
+  inputs = task.init_inputs()
+  variables = jax.eval_shape(task.model.init, jax.random.PRNGKey(0), inputs)
+  _, aux = jax.eval_shape(lambda v: task.model.apply(v, inputs), variables)
+  assert set(aux) == {"losses", "metrics"}
   _check_sparsity(config, variables)
 
 

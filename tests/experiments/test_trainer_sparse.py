@@ -130,7 +130,7 @@ def test_masks_survive_checkpoint_restore_and_mesh_change(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update({"task": "regress"}), "config.task='regress'; allowed: classify, lm"),
+    (lambda c: c.update({"task": "regress"}), "config.task='regress'; allowed: classify, forecast, lm, recsys, sae"),
     (lambda c: c.data.update(name="python_stdlib"), "'python_stdlib' is not a classification"),
     (lambda c: c.classifier.update(name="nope"), "unknown model 'nope'"),
     (lambda c: c.sparsity.update(density=0.0), r"density=0.0.*\(0, 1\]"),
