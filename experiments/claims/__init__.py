@@ -49,6 +49,10 @@ NAMES = (
     "lista",
     "cospadi",
     "acdc_mlp",
+    "sam_on_norm",
+    "layer_lottery",
+    "scaling_law",
+    "hecate",
 )
 
 
