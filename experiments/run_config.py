@@ -142,8 +142,11 @@ def _resumable(key: str) -> bool:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """'key: saved -> current' for every leaf that differs outside `RESUMABLE`, sorted."""
+  """'key: saved -> current' for every leaf that differs outside `RESUMABLE`, sorted. A key
+  the saved config lacks (a run from before the key existed) counts as its base default."""
+  defaults = _flat_values(json.loads(base_config.get_config().to_json()))
   old, new = _flat_values(saved), _flat_values(current)
+  old = {k: old.get(k, defaults.get(k, "(absent)")) for k in set(old) | set(new)}
   return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _resumable(k)]
 
