@@ -10,6 +10,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sparsejax import masks
@@ -22,9 +23,16 @@ MASK_RNG_STREAM = 1
 MEMORY_VALUES = ("dense", "sparse")
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                              optax.Schedule]:
+def make_optimizer(train: ml_collections.ConfigDict,
+                   sparsity: ml_collections.ConfigDict | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup then cosine decay, after global-norm gradient clipping.
+
+  With `sparsity` enabled (config.sparsity), `sparsity.reset_optimizer` restarts AdamW's
+  moments and count after each update step of the sparsity schedule
+  (`masks.reset_on_schedule`, the learning rate kept outside the reset) and
+  `sparsity.rewind_lr` restarts the learning-rate schedule after each prune step
+  (`masks.rewind_lr`): AC/DC's recipe with the "acdc" schedule and updater.
 
   With `memory_value_learning_rate`, product-key memory value tables get their own AdamW whose
   schedule is the same one scaled to that peak (`sparsejax.memory.make_memory_optimizer`).
@@ -45,9 +53,11 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
       decay_steps=train.num_steps,
       end_value=train.learning_rate * train.end_lr_fraction,
   )
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  make_adamw = lambda lr: optax.adamw(lr, b1=train.b1, b2=train.b2,
-                                      weight_decay=train.weight_decay, mask=decay_mask)
+  phases = _phase_schedule(sparsity)
+  if phases is not None and sparsity.rewind_lr:
+    schedule = masks.rewind_lr(schedule, prune_steps(phases, train.num_steps))
+  make_adamw = _adamw_maker(train, phases if phases is not None and sparsity.reset_optimizer
+                            else None)
   value_schedule = schedule
   if train.memory_value_learning_rate is not None:
     ratio = train.memory_value_learning_rate / train.learning_rate
@@ -67,6 +77,43 @@ def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTran
   else:
     update = memory.make_memory_optimizer(make_adamw, schedule, value_schedule)
   return optax.chain(optax.clip_by_global_norm(train.grad_clip), update), schedule
+
+
+def _phase_schedule(sparsity: ml_collections.ConfigDict | None) -> masks.Schedule | None:
+  """The sparsity schedule when `sparsity` asks the optimizer to follow it, else None."""
+  if sparsity is None or not sparsity.enabled or not (sparsity.get("reset_optimizer")
+                                                      or sparsity.get("rewind_lr")):
+    return None
+  name, kwargs = _named_entry("sparsity.schedule", sparsity.schedule)
+  if name == "none":
+    raise ValueError("config.sparsity.reset_optimizer / rewind_lr follow the mask updates, but "
+                     "config.sparsity.schedule is 'none' (the mask never changes)")
+  return masks.make_schedule(name, **kwargs)
+
+
+def prune_steps(schedule: masks.Schedule, num_steps: int) -> list[int]:
+  """The steps < num_steps at which `schedule` updates the mask to a sparsity > 0."""
+  sparsity_T, update_T = jax.vmap(schedule)(jnp.arange(num_steps))
+  steps = np.flatnonzero(np.asarray(update_T) & (np.asarray(sparsity_T) > 0))
+  if not steps.size:
+    raise ValueError(f"config.sparsity.rewind_lr: the schedule {schedule} prunes at no step "
+                     f"before train.num_steps={num_steps}")
+  return [int(t) for t in steps]
+
+
+def _adamw_maker(train: ml_collections.ConfigDict,
+                 reset: masks.Schedule | None) -> Callable[[optax.ScalarOrSchedule],
+                                                           optax.GradientTransformation]:
+  """lr -> AdamW (decay on >= 2-D leaves); with `reset`, its moments and count restart after
+  each update step of that schedule, the learning rate applied outside the reset."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  if reset is None:
+    return lambda lr: optax.adamw(lr, b1=train.b1, b2=train.b2,
+                                  weight_decay=train.weight_decay, mask=decay_mask)
+  adam_wd = optax.chain(optax.scale_by_adam(b1=train.b1, b2=train.b2),
+                        optax.add_decayed_weights(train.weight_decay, mask=decay_mask))
+  return lambda lr: optax.chain(masks.reset_on_schedule(adam_wd, reset),
+                                optax.scale_by_learning_rate(lr))
 
 
 def _value_rows(train: ml_collections.ConfigDict) -> int:

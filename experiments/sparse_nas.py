@@ -173,7 +173,7 @@ def train_candidates(config: ml_collections.ConfigDict, task: Any,
   steps = config.train.num_steps
   source = task.train_source
   train_rows, val_rows = _split(source.num_examples, val_fraction)
-  tx, lr = optim.make_optimizer(config.train)
+  tx, lr = optim.make_optimizer(config.train, config.sparsity)
   init = jax.jit(task.model.init)
   starts = [_initial_state(config, task, init, tx, seed, counts)
             for _, counts in cands for seed in seeds]

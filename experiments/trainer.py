@@ -151,7 +151,7 @@ class Trainer:
       self.batch_sharding = tasks.batch_sharding(self.task, self.mesh)
       self.rows = loader.process_rows(self.batch_sharding, config.train.batch_size)
       self.data = self._train_iterator(self.rows)
-      tx, self.schedule = optim.make_optimizer(config.train)
+      tx, self.schedule = optim.make_optimizer(config.train, config.sparsity)
       self.tx = self.task.wrap_optimizer(tx)
       self._init_params, model_state = self._initial_variables(
           load=fresh and config.init.from_workdir is not None)

@@ -14,9 +14,9 @@ all ending at 90 % sparsity of the kernels:
         the ERK densities (a global ranking right after the short warm-up empties the 300x100
         layer, whose initial weights are the smallest).
 Config-driven AC/DC resets the Adam moments only where the mask changes (`wrap`), not the whole
-state, and keeps the run's warmup-cosine learning rate (no rewinding); the full recipe is
-`sparsejax.masks.acdc` (reset Adam state, `rewind_lr`), which `experiments/optim.py` does not
-build yet.
+state, and keeps the run's warmup-cosine learning rate (no rewinding); the full recipe (reset
+Adam state, `rewind_lr`) is `config.sparsity.reset_optimizer` / `rewind_lr`, not used by this
+claim's stored run.
 A full run (1500 steps, 3 seeds vmapped per method) takes a few minutes on a 2-core CPU;
 `--fast` runs 30 steps.
 """

@@ -39,7 +39,7 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, num_featu
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = nn.meta.unbox(model.init({"params": init_rng}, jnp.zeros((1, num_features))))
   params = variables.pop("params")
-  tx, schedule = optim.make_optimizer(config.train)
+  tx, schedule = optim.make_optimizer(config.train, config.sparsity)
   if config.sparsity.enabled:
     tx, mask = optim.make_sparse_optimizer(tx, config.sparsity, jax.device_get(params),
                                            config.seed)

@@ -130,6 +130,11 @@ def get_config() -> ml_collections.ConfigDict:
   # mask never changes.
   c.sparsity.updater = ml_collections.ConfigDict({"name": "static"})
   c.sparsity.schedule = ml_collections.ConfigDict({"name": "none"})
+  # AC/DC's recipe (Peste et al. 2021) for any schedule: restart AdamW's moments and step count
+  # after every mask update step, and / or restart the learning-rate schedule after every prune
+  # step (an update step with sparsity > 0; learning-rate rewinding, Renda et al. 2020).
+  c.sparsity.reset_optimizer = False
+  c.sparsity.rewind_lr = False
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100
