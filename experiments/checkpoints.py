@@ -6,6 +6,7 @@ on another. `restore_latest` fails safe: a step that does not restore (a partial
 folder, a stray folder beside the good ones) is reported in one line and the next older step is
 tried; once one restores, the unreadable newer ones are moved to `workdir/unreadable_checkpoints/`.
 """
+import json
 import os
 import shutil
 import sys
@@ -13,7 +14,10 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from experiments import run_config
 
 UNREADABLE_DIR = "unreadable_checkpoints"
 
@@ -143,3 +147,20 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+def restore_run(workdir: str, task: str) -> tuple[ml_collections.ConfigDict, int, Any]:
+  """(config, step, saved state) of the latest checkpoint of the finished `task` run in `workdir`;
+  ValueError when `workdir` holds another task's run or no checkpoint."""
+  with open(os.path.join(workdir, run_config.CONFIG_FILE)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.task != task:
+    raise ValueError(f"{workdir} holds a {config.task!r} run; only {task!r} runs are read here")
+  source = Checkpoints(workdir, read_only=True)
+  try:
+    step = source.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir} holds no checkpoint")
+    return config, step, source.restore_saved(step)
+  finally:
+    source.close()

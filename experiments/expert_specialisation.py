@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 
 from experiments import checkpoints as ckpt_lib
-from experiments import run_config
 from experiments import tasks
 from sparsejax.moe import class_constrained
 
@@ -113,18 +112,7 @@ def _assignment(classifier: ml_collections.ConfigDict, num_classes: int) -> np.n
 
 def write_specialisation(workdir: str, out: str | None = None) -> dict:
   """Writes the heatmap PNG and the JSON for the "classify" run in `workdir`; returns the JSON."""
-  with open(os.path.join(workdir, run_config.CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.task != "classify":
-    raise ValueError(f"{workdir} holds a {config.task!r} run; only 'classify' runs route classes")
-  source = ckpt_lib.Checkpoints(workdir, read_only=True)
-  try:
-    step = source.latest_step()
-    if step is None:
-      raise ValueError(f"{workdir} holds no checkpoint")
-    saved = source.restore_saved(step)
-  finally:
-    source.close()
+  config, step, saved = ckpt_lib.restore_run(workdir, "classify")
   task = tasks.build_task(config)
   num_classes = task.model.num_classes
   variables = {"params": saved["params"], **saved["model_state"]}

@@ -9,14 +9,11 @@ exported SAE takes raw activations: s is folded into the weights
 computes at inference. Writes OUT_DIR/sae_weights.safetensors and OUT_DIR/cfg.json.
 """
 import argparse
-import json
 import os
 import sys
 
-import ml_collections
 
 from experiments import checkpoints as ckpt_lib
-from experiments import run_config
 from experiments import tasks
 from sparsejax.sae import core
 from sparsejax.sae import export
@@ -25,18 +22,7 @@ from sparsejax.sae import layers
 
 def export_run(workdir: str, out: str) -> dict:
   """Writes the SAE of the "sae" run in `workdir` to `out`; returns its SAELens cfg dict."""
-  with open(os.path.join(workdir, run_config.CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.task != "sae":
-    raise ValueError(f"{workdir} holds a {config.task!r} run; only 'sae' runs export")
-  source = ckpt_lib.Checkpoints(workdir, read_only=True)
-  try:
-    step = source.latest_step()
-    if step is None:
-      raise ValueError(f"{workdir} holds no checkpoint")
-    saved = source.restore_saved(step)
-  finally:
-    source.close()
+  config, step, saved = ckpt_lib.restore_run(workdir, "sae")
   task = tasks.build_task(config)
   params, sae_config = saved["params"], task.sae_config
   if sae_config.kind == "batchtopk":

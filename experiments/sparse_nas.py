@@ -185,14 +185,10 @@ def train_candidates(config: ml_collections.ConfigDict, task: Any,
   val_x, val_y = inputs[val_rows], labels[val_rows]
   test_x, test_y, test_w = _eval_arrays(task)
 
-  def run_one(state, idx_NB):
-    def body(state, idx_B):
-      batch = {"inputs": inputs[idx_B], "targets": labels[idx_B],
-               "weights": jnp.ones(idx_B.shape, jnp.float32)}
-      state, metrics = step(state, batch)
-      return state, metrics["finite/loss"] & metrics["finite/update"]
+  train_steps = sparse_mlp_claim.scan_steps(step, inputs, labels)
 
-    state, finite = jax.lax.scan(body, state, idx_NB)
+  def run_one(state, idx_NB):
+    state, finite = train_steps(state, idx_NB)
     weights = optim.masked_params(state["params"], state["opt_state"])
     variables = {"params": weights, **state["model_state"]}
     val_logits, _ = task.model.apply(variables, val_x)
@@ -201,13 +197,10 @@ def train_candidates(config: ml_collections.ConfigDict, task: Any,
     test_acc = jnp.sum((jnp.argmax(test_logits, -1) == test_y) * test_w) / jnp.sum(test_w)
     mask = masks.get_mask(state["opt_state"]).flat()
     kept = {p: jnp.sum(mask[p], dtype=jnp.int32) for p in cands[0][1]}
-    return val_acc, test_acc, kept, jnp.all(finite)
+    return val_acc, test_acc, kept, finite
 
-  is_step = sparse_mlp_claim._is_step  # step counters stay unbatched (see train_seeds)
-  axes = jax.tree_util.tree_map_with_path(lambda p, _: None if is_step(p) else 0, state)
-  state = jax.tree_util.tree_map_with_path(lambda p, x: x[0] if is_step(p) else x, state)
-  val, test, kept, finite = jax.device_get(jax.jit(jax.vmap(run_one, in_axes=(axes, 0)))(
-      state, jnp.asarray(idx_RNB)))
+  val, test, kept, finite = jax.device_get(
+      sparse_mlp_claim.vmap_runs(run_one, state, jnp.asarray(idx_RNB)))
   if not np.all(finite):
     raise trainer.NonFiniteLossError("sparse NAS: a trial's loss went non-finite")
   k = len(seeds)

@@ -73,6 +73,34 @@ def seed_configs(method: str, density: float, seeds: Sequence[int], num_steps: i
   return configs
 
 
+def scan_steps(step, inputs, labels):
+  """(state, idx_NB) -> (state after `step` on the batches inputs[idx_B] / labels[idx_B] of
+  every row of idx_NB, whether every loss and update stayed finite), as one `lax.scan`."""
+
+  def run(state, idx_NB):
+    def body(state, idx_B):
+      batch = {"inputs": inputs[idx_B], "targets": labels[idx_B],
+               "weights": jnp.ones(idx_B.shape, jnp.float32)}
+      state, metrics = step(state, batch)
+      return state, metrics["finite/loss"] & metrics["finite/update"]
+
+    state, finite = jax.lax.scan(body, state, idx_NB)
+    return state, jnp.all(finite)
+
+  return run
+
+
+def vmap_runs(run_one, state, idx_RNB):
+  """jit(vmap(run_one)) over the leading axis of the stacked `state` and `idx_RNB`.
+
+  Step counters are the same for every run: left unbatched, the mask update stays a `lax.cond`
+  that runs only on schedule steps (batched, it would run on every step).
+  """
+  axes = jax.tree_util.tree_map_with_path(lambda p, _: None if _is_step(p) else 0, state)
+  state = jax.tree_util.tree_map_with_path(lambda p, x: x[0] if _is_step(p) else x, state)
+  return jax.jit(jax.vmap(run_one, in_axes=(axes, 0)))(state, idx_RNB)
+
+
 def train_seeds(method: str, density: float, seeds: Sequence[int],
                 num_steps: int | None = None, overrides: dict[str, Any] | None = None):
   """Final test accuracy and mask density of `method` at `density`, one entry per seed."""
@@ -90,14 +118,10 @@ def train_seeds(method: str, density: float, seeds: Sequence[int],
                                     cfg.train.batch_size) for c in configs])
   inputs, labels = jnp.asarray(train.inputs), jnp.asarray(train.labels)
 
-  def run_one(state, idx_NB):
-    def body(state, idx_B):
-      batch = {"inputs": inputs[idx_B], "targets": labels[idx_B],
-               "weights": jnp.ones(idx_B.shape, jnp.float32)}
-      state, metrics = step(state, batch)
-      return state, metrics["finite/loss"] & metrics["finite/update"]
+  train_steps = scan_steps(step, inputs, labels)
 
-    state, finite = jax.lax.scan(body, state, idx_NB)
+  def run_one(state, idx_NB):
+    state, finite = train_steps(state, idx_NB)
     weights = state["params"]
     if sparse:
       weights = optim.masked_params(weights, state["opt_state"])
@@ -105,14 +129,9 @@ def train_seeds(method: str, density: float, seeds: Sequence[int],
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(test.labels))
     kept = (optim.density_metrics(masks.get_mask(state["opt_state"]))["density/global"]
             if sparse else jnp.ones(()))
-    return accuracy, kept, jnp.all(finite)
+    return accuracy, kept, finite
 
-  # Step counters are the same for every seed: left unbatched, the mask update stays a
-  # `lax.cond` that runs only on schedule steps (batched, it would run on every step).
-  state_axes = jax.tree_util.tree_map_with_path(lambda p, _: None if _is_step(p) else 0, state)
-  state = jax.tree_util.tree_map_with_path(lambda p, x: x[0] if _is_step(p) else x, state)
-  accuracy, realised, finite = jax.jit(jax.vmap(run_one, in_axes=(state_axes, 0)))(
-      state, jnp.asarray(idx_SNB))
+  accuracy, realised, finite = vmap_runs(run_one, state, jnp.asarray(idx_SNB))
   if not np.all(finite):
     raise trainer.NonFiniteLossError(f"{method} at density {density}: a loss went non-finite")
   return [{"method": method, "sparsity": round(1 - density, 4) if sparse else 0.0, "seed": seed,

@@ -39,11 +39,11 @@ from sparsejax.moe import core
 from sparsejax.moe import dispatch
 from sparsejax.moe import experts
 from sparsejax.moe import plan as plan_lib
-from sparsejax.moe import routing
 from sparsejax.moe.layers import apply_with_learned_router
 from sparsejax.moe.layers import router_params
 from sparsejax.moe.layers import router_weight
 from sparsejax.moe.lora_experts import SHARED_WEIGHTS
+from sparsejax.moe.lora_experts import check_routed_adapter_settings
 from sparsejax.moe.lora_experts import grouped_matmul
 from sparsejax.moe.lora_experts import shared_ffn_params
 from sparsejax.registry import FFNS
@@ -144,13 +144,7 @@ class AdapterMoE(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.router in routing.EXPERT_LOGITS:
-      raise ValueError(f"router {self.router!r} reads expert FFN weights, which adapter_moe's "
-                       f"adapters are not; use a router with its own weight, e.g. 'top_k'")
-    core.check_router_settings(self.router, self.k, self.num_experts, self.jitter,
-                               self.bias_update_rate)
-    experts.check_expert_kind(self.expert)
-    core.check_capacity_settings(self.capacity_factor, self.priority)
+    check_routed_adapter_settings("adapter_moe", self)
     width = self.bottleneck
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
       raise ValueError(f"bottleneck must be a positive int, got {width!r}")

@@ -159,6 +159,18 @@ def shared_ffn_params(module: nn.Module) -> dict[str, jax.Array]:
                              module.param_dtype).astype(module.dtype) for name in names}
 
 
+def check_routed_adapter_settings(layer: str, module: nn.Module) -> None:
+  """ValueError for the router, expert kind or capacity settings of a routed-adapter layer
+  `layer` ("lora_moe", "adapter_moe") that it cannot use (`module`'s fields)."""
+  if module.router in routing.EXPERT_LOGITS:
+    raise ValueError(f"router {module.router!r} reads expert FFN weights, which {layer}'s "
+                     f"adapters are not; use a router with its own weight, e.g. 'top_k'")
+  core.check_router_settings(module.router, module.k, module.num_experts, module.jitter,
+                             module.bias_update_rate)
+  experts.check_expert_kind(module.expert)
+  core.check_capacity_settings(module.capacity_factor, module.priority)
+
+
 @FFNS.register("lora_moe")
 class LoRAMoE(nn.Module):
   """Mixture of LoRA experts: one shared FFN, E routed rank-R adapters (module docstring).
@@ -212,13 +224,7 @@ class LoRAMoE(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.router in routing.EXPERT_LOGITS:
-      raise ValueError(f"router {self.router!r} reads expert FFN weights, which lora_moe's "
-                       f"adapters are not; use a router with its own weight, e.g. 'top_k'")
-    core.check_router_settings(self.router, self.k, self.num_experts, self.jitter,
-                               self.bias_update_rate)
-    experts.check_expert_kind(self.expert)
-    core.check_capacity_settings(self.capacity_factor, self.priority)
+    check_routed_adapter_settings("lora_moe", self)
     rank = self.rank
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
       raise ValueError(f"rank must be a positive int, got {rank!r}")
