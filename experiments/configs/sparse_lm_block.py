@@ -12,12 +12,13 @@ blocks' values and a slot map; checkpoints hold only these), and runs
 at the start) of each kernel's blocks every 50 steps until step 300, as `sparse_lm.py` does
 for single weights. `--config.sparsity.updater.name=set` grows at random instead.
 
-Measured (2026-12-03, both runs at once on the shared 2-core machine at load average 21-24):
-eval/bpb 2.384 at step 400 in 45:40 wall; `sparse_lm.py` (masked dense, same density) 2.389 in
-46:40. Alone on the machine expect a few minutes each. At this width (32x32 blocks of a
-128 x 512 kernel) the block loop is not faster than the masked dense matmul: in the last
-100-step window, as the load eased, this run made 0.52 steps/s and `sparse_lm.py` 0.88. The
-speed-up shows at width: `python -m experiments.bench sparse_train`.
+Measured on the idle 2-core machine (2026-12-03, each config run twice, one run at a time):
+eval/bpb 2.384 at step 400 in 128 s / 130 s wall; `sparse_lm.py` (masked dense, same density)
+2.389 in 142 s / 141 s. In the last 100-step windows this run made 3.55-3.63 steps/s and
+`sparse_lm.py` 3.15-3.31: about 1.1x at this width (32x32 blocks of a 128 x 512 kernel,
+where the block loop's overhead is a large share); at width the step is 0.52x dense
+(`python -m experiments.bench sparse_train`). Earlier runs at load average 21-24 inverted the
+ratio (0.52 vs 0.88 steps/s), as timings under load do.
 """
 import ml_collections
 
