@@ -88,7 +88,15 @@ def _phase_schedule(sparsity: ml_collections.ConfigDict | None) -> masks.Schedul
   if name == "none":
     raise ValueError("config.sparsity.reset_optimizer / rewind_lr follow the mask updates, but "
                      "config.sparsity.schedule is 'none' (the mask never changes)")
-  return masks.make_schedule(name, **kwargs)
+  try:
+    schedule = masks.make_schedule(name, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.sparsity.schedule={name!r}: {e}") from None
+  if schedule.quantity != "sparsity":
+    raise ValueError(f"config.sparsity.reset_optimizer / rewind_lr follow a schedule of the "
+                     f"sparsity (e.g. 'acdc', 'polynomial'), not {name!r}, whose values are "
+                     f"{schedule.quantity}s (every update would reset / rewind)")
+  return schedule
 
 
 def prune_steps(schedule: masks.Schedule, num_steps: int) -> list[int]:

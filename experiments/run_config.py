@@ -143,8 +143,10 @@ def _resumable(key: str) -> bool:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """'key: saved -> current' for every leaf that differs outside `RESUMABLE`, sorted. A key
-  the saved config lacks (a run from before the key existed) counts as its base default."""
-  defaults = _flat_values(json.loads(base_config.get_config().to_json()))
+  the saved config lacks (a run from before the key existed) counts as its base default,
+  except inside free-form sections, whose absent keys mean the layer's own defaults."""
+  defaults = {k: v for k, v in _flat_values(json.loads(base_config.get_config().to_json())).items()
+              if not any(k.startswith(free + ".") for free in FREE_FORM_KEYS)}
   old, new = _flat_values(saved), _flat_values(current)
   old = {k: old.get(k, defaults.get(k, "(absent)")) for k in set(old) | set(new)}
   return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"

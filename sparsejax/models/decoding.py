@@ -30,6 +30,9 @@ DECODABLE_ATTENTIONS = ("dense", "block_sparse")
 
 def check_decodable(model: TransformerLM) -> None:
   """One-line ValueErrors for LM features this decoding path does not compute."""
+  if type(model) is not TransformerLM:
+    raise ValueError(f"{type(model).__name__} cannot be decoded token by token here; allowed: "
+                     f"the plain TransformerLM (model.architecture 'transformer')")
   if model.embedding != "table":
     raise ValueError(f"embedding={model.embedding!r} cannot be decoded token by token here; "
                      f"allowed: 'table'")

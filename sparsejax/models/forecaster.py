@@ -15,6 +15,7 @@ from sparsejax.models.layers import POSITIONS
 from sparsejax.models.transformer import (
     ACTIVATION_AXES,
     ATTENTION_CONTRACT,
+    ATTENTION_OPTIONAL,
     FFN_CONTRACT,
     FFN_OPTIONAL,
     DecoderBlock,
@@ -84,7 +85,8 @@ class PatchForecaster(nn.Module):
     if getattr(FFNS.get(self.ffn), "takes_token_ids", False):
       raise ValueError(f"ffn {self.ffn!r} routes by token id, which series patches do not have")
     _check_layer_kwargs(FFNS, self.ffn, FFN_CONTRACT, self.ffn_kwargs, FFN_OPTIONAL)
-    _check_layer_kwargs(ATTENTIONS, self.attention, ATTENTION_CONTRACT, self.attention_kwargs)
+    _check_layer_kwargs(ATTENTIONS, self.attention, ATTENTION_CONTRACT, self.attention_kwargs,
+                        ATTENTION_OPTIONAL)
 
   @nn.compact
   def __call__(self, patches_BTP: jax.Array, frequency_B: jax.Array | None = None, *,
@@ -111,7 +113,7 @@ class PatchForecaster(nn.Module):
           d_model=self.d_model, num_heads=self.num_heads, d_ff=self.d_ff,
           positions=self.positions, ffn=self.ffn, ffn_kwargs=self.ffn_kwargs,
           attention=self.attention, attention_kwargs=self.attention_kwargs, dtype=self.dtype,
-          name=f"layer_{layer}")(x_BTD, deterministic=deterministic)
+          max_len=self.max_len, name=f"layer_{layer}")(x_BTD, deterministic=deterministic)
       aux = merge_aux(f"layer_{layer}", block_aux, aux)
     scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
     x_BTD = nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, scale_init=scale_init,

@@ -101,8 +101,9 @@ class Finedeep(nn.Module):
     expert: "ffn" (GELU) or "swiglu". eps: RMSNorm epsilon.
     dtype / param_dtype: compute / parameter dtype (gates and norms in float32).
 
-  Params: "wi_MKDF", "wo_MKFD"(, "wg_MKDF") truncated normal fan-in; "router_MD" zeros;
-  "norm_MD" ones. Returns (y_BTD, aux) with no losses and metrics "gate_entropy" (mean over
+  Params: "wi_MKDF", "wo_MKFD"(, "wg_MKDF") truncated normal fan-in; "router_{m}" `[D]` zeros
+  and "norm_{m}" `[D]` ones for each sub-layer m (stacked as `finedeep_ffn`'s "router_MD",
+  "norm_MD"). Returns (y_BTD, aux) with no losses and metrics "gate_entropy" (mean over
   tokens and sub-layers of -sum_k g log g; log K when uniform), "gate_max" (mean largest gate)
   and "mean_gate_MK" (each expert's mean gate).
   """
@@ -150,8 +151,10 @@ class Finedeep(nn.Module):
     params = {name: self.param(name, nn.with_logical_partitioning(
         _EXPERT_INIT, WEIGHT_AXES[name]), shape, self.param_dtype).astype(self.dtype)
               for name, shape in shapes.items()}
-    params["router_MD"] = self.param("router_MD", nn.with_logical_partitioning(
-        nn.initializers.zeros, (None, "embed")), (m, d), self.param_dtype)
-    params["norm_MD"] = self.param("norm_MD", nn.with_logical_partitioning(
-        nn.initializers.ones, (None, "embed")), (m, d), self.param_dtype)
+    # One 1-D router vector and RMSNorm scale per sub-layer, so that weight decay and weight
+    # masks treat them like every other norm scale (both skip 1-D params by default).
+    params["router_MD"] = jnp.stack([self.param(f"router_{i}", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("embed",)), (d,), self.param_dtype) for i in range(m)])
+    params["norm_MD"] = jnp.stack([self.param(f"norm_{i}", nn.with_logical_partitioning(
+        nn.initializers.ones, ("embed",)), (d,), self.param_dtype) for i in range(m)])
     return params

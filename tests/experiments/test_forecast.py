@@ -101,6 +101,13 @@ def test_moe_forecasts_are_causal():
   assert np.abs(np.asarray(y[:, 3:] - y_changed[:, 3:])).min() > 0
 
 
+def test_a_token_mixer_gets_the_models_max_len():
+  model = tiny_model(attention="token_mlp")
+  patches = jnp.zeros((1, 6, 4))
+  y, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), patches)[0])
+  assert y.shape == (1, 6, 4)
+
+
 def test_per_frequency_projection_is_the_series_frequencys():
   # Series b's forecast equals a shared-projection model's whose projections are frequency
   # f_b's slice of the per-frequency params.

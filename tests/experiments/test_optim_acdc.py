@@ -78,3 +78,14 @@ def test_following_a_schedule_that_never_changes_the_mask_is_an_error():
   sparsity.schedule = ml_collections.ConfigDict({"name": "none"})
   with pytest.raises(ValueError, match="schedule is 'none'"):
     optim.make_optimizer(train, sparsity)
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ({"name": "cosine", "drop_fraction": 0.3, "end": 8, "update_every": 2}, "drop_fractions"),
+    ({"name": "acdc", "bogus": 1}, "config.sparsity.schedule='acdc': .*bogus"),
+])
+def test_schedules_the_recipe_cannot_follow_are_errors(schedule, match):
+  train, sparsity = _configs(False, True)
+  sparsity.schedule = ml_collections.ConfigDict(schedule)
+  with pytest.raises(ValueError, match=match):
+    optim.make_optimizer(train, sparsity)

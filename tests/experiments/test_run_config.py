@@ -26,3 +26,9 @@ def test_a_key_added_since_the_run_started_counts_as_its_default():
   assert run_config.config_changes(saved, current) == []
   current["forecast"]["patch_size"] = 4
   assert run_config.config_changes(saved, current) == ["forecast.patch_size: 8 -> 4"]
+
+
+def test_a_free_form_key_the_saved_run_lacks_is_not_its_base_default():
+  saved, current = _saved_and_current()
+  del saved["sae"]["dictionary"]["k"]  # the layer's own default applied, not base's k=16
+  assert run_config.config_changes(saved, current) == ["sae.dictionary.k: '(absent)' -> 16"]

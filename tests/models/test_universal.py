@@ -117,3 +117,9 @@ def test_universal_rejects_ffn_layers():
   with pytest.raises(ValueError, match="ffn_layers must be None"):
     build_lm(ml_collections.ConfigDict({**TINY, "ffn_layers": (0,),
                                         "architecture": {"name": "universal"}}), VOCAB)
+
+
+def test_token_by_token_decoding_rejects_the_universal_lm():
+  from sparsejax.models import decoding
+  with pytest.raises(ValueError, match="UniversalLM cannot be decoded token by token"):
+    decoding.check_decodable(_lm())

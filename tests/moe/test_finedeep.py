@@ -34,6 +34,8 @@ def _gelu(x):
 def _naive(x_TD, p, kind):
   """Token by token, sub-layer by sub-layer, expert by expert, in float64."""
   p = {name: np.asarray(value, np.float64) for name, value in p.items()}
+  p["norm_MD"] = np.stack([p[f"norm_{m}"] for m in range(M)])
+  p["router_MD"] = np.stack([p[f"router_{m}"] for m in range(M)])
   y = np.zeros_like(x_TD, np.float64)
   gates = np.zeros((M, x_TD.shape[0], K))
   for t in range(x_TD.shape[0]):
@@ -71,7 +73,7 @@ def test_fresh_layer_averages_its_experts():
   """(The LM plug-in is tests/experiments/test_configs.py's finedeep_lm case.)"""
   (_, aux), variables = jax.jit(_make().init_with_output)(jax.random.PRNGKey(0), _x(1))
   params = nn.unbox(variables["params"])
-  assert params["wi_MKDF"].shape == (M, K, D, F // (M * K)) and not np.any(params["router_MD"])
+  assert params["wi_MKDF"].shape == (M, K, D, F // (M * K)) and not np.any(params["router_0"])
   np.testing.assert_allclose(aux["metrics"]["mean_gate_MK"], np.full((M, K), 1 / K), rtol=1e-6)
   np.testing.assert_allclose(aux["metrics"]["gate_entropy"], np.log(K), rtol=1e-6)
 
