@@ -54,16 +54,22 @@ class ConvBlock(nn.Module):
   ffn: str
   ffn_kwargs: Kwargs
   dtype: Any
+  num_classes: int | None = None  # the classifier's, given to an FFN that `takes_labels`
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array, *, deterministic: bool = True,
                labels_B: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     ffn_cls = FFNS.get(self.ffn)
+    ffn_kwargs = dict(self.ffn_kwargs)
+    if getattr(ffn_cls, "takes_labels", False) and self.num_classes is not None:
+      if ffn_kwargs.setdefault("num_classes", self.num_classes) != self.num_classes:
+        raise ValueError(f"ffn {self.ffn!r} num_classes={ffn_kwargs['num_classes']}, but the "
+                         f"classifier has {self.num_classes} classes: leave it unset")
     labels = ({"labels_B": labels_B}
               if labels_B is not None and getattr(ffn_cls, "takes_labels", False) else {})
     ffn = ffn_cls(**contract_fields(ffn_cls, d_model=self.channels, d_ff=self.d_ff,
                                     dtype=self.dtype),
-                  name="ffn", **dict(self.ffn_kwargs))
+                  name="ffn", **ffn_kwargs)
     h_BHWC = _conv(self.channels, self.kernel_size, self.channels, "dwconv", self.dtype)(x_BHWC)
     h_BHWC = _layer_norm("norm", self.dtype)(h_BHWC)
     if getattr(ffn_cls, "takes_feature_maps", False):
@@ -150,8 +156,8 @@ class SmallCNN(nn.Module):
       x_BHWC, block_aux = ConvBlock(
           channels=self.channels, d_ff=self.d_ff, kernel_size=self.kernel_size,
           ffn=self.ffn if selected else "dense", ffn_kwargs=self._kwargs() if selected else (),
-          dtype=self.dtype, name=f"block_{block}")(x_BHWC, deterministic=deterministic,
-                                                   labels_B=labels_B)
+          dtype=self.dtype, num_classes=self.num_classes,
+          name=f"block_{block}")(x_BHWC, deterministic=deterministic, labels_B=labels_B)
       aux = merge_aux(f"block_{block}", block_aux, aux)
     pooled_BC = _layer_norm("final_norm", self.dtype)(jnp.mean(x_BHWC, axis=(1, 2)))
     head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",

@@ -111,6 +111,9 @@ def test_small_cnn_passes_labels_to_the_layer():
   assert logits.shape == (B, 3)
   sown = state["intermediates"]["block_0"]["ffn"][class_constrained.ROUTES][0]
   assert sown.shape == (B * H * W, 1)
+  wrong = model.clone(ffn_kwargs=(("num_experts", E), ("k", 1), ("num_classes", 10)))
+  with pytest.raises(ValueError, match="num_classes=10, but the classifier has 3 classes"):
+    jax.eval_shape(lambda: wrong.init(jax.random.PRNGKey(0), images))
 
 
 def test_errors():
